@@ -48,6 +48,7 @@
 
 mod body;
 pub mod classify;
+pub mod config;
 mod error;
 pub mod headers;
 mod meta;
