@@ -81,7 +81,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
 pub fn format(d: Duration) -> String {
     if d.subsec_millis() == 0 && d.subsec_nanos() == 0 {
         format!("{}s", d.as_secs())
-    } else if d.as_secs() == 0 && d.subsec_nanos() % 1_000_000 == 0 {
+    } else if d.as_secs() == 0 && d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}ms", d.subsec_millis())
     } else {
         format!("{}s", d.as_secs_f64())
