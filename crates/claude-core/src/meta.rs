@@ -394,3 +394,29 @@ mod tests {
         assert_eq!(Tenant::of(&req).as_str(), "default");
     }
 }
+
+/// Marks a response served from the response cache (a response extension set by
+/// claude-cache, read by claude-cost to record the answer as saved money, not spent money).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheHit {
+    /// The usage of the original answer that the hit replays.
+    pub usage: crate::Usage,
+    /// The model of the original answer, when known.
+    pub model: Option<Arc<str>>,
+    /// How long ago the answer was stored.
+    pub age: std::time::Duration,
+}
+
+/// The attempt number of a request (1 for the first attempt, 2 for the first retry, …).
+///
+/// claude-retry inserts it into every attempt's request extensions, so inner layers can see
+/// it, and into the final response's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Attempt(pub u32);
+
+impl Attempt {
+    /// The attempt number of a request (1 when no retry layer set one).
+    pub fn of<B>(req: &Request<B>) -> u32 {
+        req.extensions().get::<Self>().map_or(1, |a| a.0)
+    }
+}
