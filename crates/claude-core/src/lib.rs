@@ -58,6 +58,9 @@ mod usage;
 pub use body::{FullBodyService, UsageBody, UsageHandle, collect_body, into_full, observe_usage};
 pub use classify::{Classification, classify_error, classify_response, classify_stream_error};
 pub use error::{BoxError, Error, ErrorKind, Origin};
-pub use meta::{Endpoint, RequestMeta, Tenant, Validity, estimate_tokens_from_bytes, model_family};
+pub use meta::{
+    Attempt, CacheHit, Endpoint, RequestMeta, Tenant, Validity, estimate_tokens_from_bytes,
+    model_family,
+};
 pub use scan::{ApiError, BodyEnd, BodyFormat, UsageReport, UsageScanner};
 pub use usage::{CacheCreation, ServerToolUse, ServiceTier, Usage};
