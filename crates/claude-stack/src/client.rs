@@ -10,6 +10,10 @@
 //!   base URL, keeping the base's path prefix, so a relay such as
 //!   `https://relay.example/anthropic` works.
 //! - `anthropic-version: 2023-06-01` when the caller sent none.
+//! - `accept-encoding: identity` always: every layer that reads usage scans the body as it
+//!   passes, so the answer must not be compressed (a caller's `accept-encoding: gzip` is
+//!   replaced). `host` and hop-by-hop headers of the caller's connection are dropped (the
+//!   client sets `host` from the base URL).
 //! - A connect timeout (default 5 s), and for response bodies a **first-byte timeout** and an
 //!   **idle timeout between frames** (defaults 60 s each; tower's `Timeout` stops at the
 //!   headers, so a stalled SSE stream would otherwise hang forever). A body timeout ends the
@@ -243,6 +247,23 @@ impl tower::Service<Request<Bytes>> for HttpClient {
             parts
                 .headers
                 .insert(ANTHROPIC_VERSION, self.version.clone());
+        }
+        // The usage scanners read the body as it passes: it must not be compressed.
+        parts.headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        // Hop-by-hop and framing headers of the caller's connection do not travel on.
+        for h in [
+            http::header::HOST,
+            http::header::CONNECTION,
+            http::header::CONTENT_LENGTH,
+            http::header::TRANSFER_ENCODING,
+            http::header::TE,
+            http::header::UPGRADE,
+            http::header::PROXY_AUTHORIZATION,
+        ] {
+            parts.headers.remove(h);
         }
         let req = Request::from_parts(parts, Full::new(body));
         let fut = self.client.request(req);

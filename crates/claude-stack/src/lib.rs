@@ -28,5 +28,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
+mod stack;
 
 pub use client::{ClientConfig, HttpClient, TimeoutBody};
+pub use stack::{ClaudeStack, StackBody, StackConfig, StackService};

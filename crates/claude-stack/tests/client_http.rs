@@ -1,0 +1,105 @@
+//! `HttpClient` over real HTTP on loopback: what reaches the upstream.
+#![allow(clippy::unwrap_used)]
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use claude_stack::{ClientConfig, HttpClient};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::ServiceExt;
+
+/// An upstream that answers with what it received: method, path, headers, body length.
+async fn echo_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await.unwrap().to_bytes();
+                    let headers: serde_json::Map<String, serde_json::Value> = parts
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                        .collect();
+                    let out = serde_json::json!({
+                        "path": parts.uri.path_and_query().map(http::uri::PathAndQuery::as_str),
+                        "headers": headers,
+                        "body_len": body.len(),
+                    });
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(out.to_string()))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn relays_to_base_url_with_prefix_and_sane_headers() {
+    let addr = echo_server().await;
+    let client = HttpClient::new(&ClientConfig {
+        base_url: format!("http://{addr}/relay/anthropic/"),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let req = Request::post("/v1/messages?beta=true")
+        .header("host", "gateway.local:8787")
+        .header("accept-encoding", "gzip, br")
+        .header("x-custom", "kept")
+        .body(Bytes::from_static(b"{\"model\":\"m\"}"))
+        .unwrap();
+    let resp = client.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["path"], "/relay/anthropic/v1/messages?beta=true");
+    assert_eq!(v["headers"]["anthropic-version"], "2023-06-01");
+    assert_eq!(v["headers"]["accept-encoding"], "identity");
+    assert_eq!(v["headers"]["host"], addr.to_string());
+    assert_eq!(v["headers"]["x-custom"], "kept");
+    assert_eq!(v["body_len"], 13);
+
+    // A caller's own anthropic-version is kept.
+    let req = Request::get("/v1/models")
+        .header("anthropic-version", "2099-01-01")
+        .body(Bytes::new())
+        .unwrap();
+    let resp = client.oneshot(req).await.unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["headers"]["anthropic-version"], "2099-01-01");
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_classified_connection_error() {
+    // Bind then drop to get a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = HttpClient::new(&ClientConfig {
+        base_url: format!("http://127.0.0.1:{port}"),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let err = client
+        .oneshot(Request::get("/v1/models").body(Bytes::new()).unwrap())
+        .await
+        .unwrap_err();
+    let class = claude_core::classify_error(err.as_ref());
+    assert_eq!(class.kind, claude_core::ErrorKind::Connection);
+    assert!(class.retryable);
+}
