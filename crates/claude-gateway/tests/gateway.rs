@@ -1,0 +1,220 @@
+//! The gateway end to end over real HTTP, with the in-process mock upstream.
+#![allow(clippy::unwrap_used, clippy::many_single_char_names)]
+
+use bytes::Bytes;
+use claude_gateway::{Gateway, Options, format_hash};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+const BODY: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":32,"messages":[{"role":"user","content":"hello"}]}"#;
+
+async fn send(
+    c: &HttpClient,
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", gw.addr()));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = c
+        .request(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
+
+fn temp_config(text: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!(
+        "claude-gateway-test-{}-{}.toml",
+        std::process::id(),
+        blake3::hash(text.as_bytes()).to_hex()
+    ));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test]
+async fn mock_mode_relays_json_and_sse_and_serves_health() {
+    let gw = Gateway::start(Options {
+        mock: true,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    assert!(gw.loopback_only());
+    let c = client();
+    let (s, _, b) = send(
+        &c,
+        &gw,
+        "POST",
+        "/v1/messages",
+        &[("content-type", "application/json")],
+        BODY,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["type"], "message");
+    assert!(v["usage"]["output_tokens"].as_u64().unwrap() > 0);
+
+    let sse = BODY.replace("\"max_tokens\":32", "\"max_tokens\":32,\"stream\":true");
+    let (s, h, b) = send(&c, &gw, "POST", "/v1/messages", &[], &sse).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        h["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = String::from_utf8(b.to_vec()).unwrap();
+    assert!(text.contains("event: message_start") && text.contains("event: message_stop"));
+
+    let (s, _, b) = send(
+        &c,
+        &gw,
+        "POST",
+        "/v1/messages/count_tokens",
+        &[],
+        r#"{"model":"m","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+
+    let (s, _, _) = send(&c, &gw, "GET", "/healthz", &[], "").await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, b) = send(&c, &gw, "GET", "/nope", &[], "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["type"], "not_found_error");
+
+    let stats = gw.mock().unwrap().stats();
+    assert_eq!(stats.requests, 3, "only /v1 requests reach the upstream");
+    let summary = gw.shutdown().await;
+    assert_eq!(summary.requests, 3);
+    assert!(summary.drained);
+}
+
+#[tokio::test]
+async fn client_keys_map_to_tenants_and_bad_keys_get_anthropic_401() {
+    let cfg = temp_config(&format!(
+        "listen = \"127.0.0.1:0\"\n[[client_keys]]\nhash = \"{}\"\ntenant = \"team-a\"\n",
+        format_hash("gw-key-a")
+    ));
+    let gw = Gateway::start(Options {
+        mock: true,
+        config_path: Some(cfg),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let c = client();
+    let (s, _, b) = send(
+        &c,
+        &gw,
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", "wrong")],
+        BODY,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "authentication_error");
+    let (s, _, _) = send(&c, &gw, "POST", "/v1/messages", &[], BODY).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = send(
+        &c,
+        &gw,
+        "POST",
+        "/v1/messages",
+        &[("authorization", "Bearer gw-key-a")],
+        BODY,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = send(
+        &c,
+        &gw,
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", "gw-key-a")],
+        BODY,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        gw.mock().unwrap().stats().requests,
+        2,
+        "refused requests never reach upstream"
+    );
+    let summary = gw.shutdown().await;
+    assert_eq!(summary.unauthorized, 2);
+}
+
+#[tokio::test]
+async fn oversized_body_is_refused_locally() {
+    let cfg = temp_config("listen = \"127.0.0.1:0\"\nbody_limit = 100\n");
+    let gw = Gateway::start(Options {
+        mock: true,
+        config_path: Some(cfg),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let big = format!(
+        r#"{{"model":"m","max_tokens":1,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(500)
+    );
+    let (s, h, b) = send(&client(), &gw, "POST", "/v1/messages", &[], &big).await;
+    assert_eq!(
+        s,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert_eq!(h["x-claude-error-code"], "BODY_TOO_LARGE");
+    assert_eq!(gw.mock().unwrap().stats().requests, 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn refuses_public_listen_without_keys_and_names_bad_fields() {
+    let err = Gateway::start(Options {
+        listen: Some("0.0.0.0:0".parse().unwrap()),
+        mock: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("listen"), "{err}");
+    let cfg = temp_config("listen = \"127.0.0.1:0\"\n[stack.client]\nconect_timeout = \"1s\"\n");
+    let err = Gateway::start(Options {
+        config_path: Some(cfg),
+        mock: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("conect_timeout"), "{err}");
+}
