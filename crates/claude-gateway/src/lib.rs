@@ -34,6 +34,7 @@
 //! listens on loopback addresses, refuses to start on any other, and serves every caller as
 //! the `default` tenant.
 
+mod admin;
 mod config;
 mod server;
 
@@ -109,6 +110,7 @@ pub struct Gateway {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<bool>,
     mock: Option<MockServer>,
+    cost: Option<claude_cost::CostTracker>,
 }
 
 impl Gateway {
@@ -146,6 +148,10 @@ impl Gateway {
         cfg.stack.client.base_url.clone_from(&cfg.upstream);
         let stack = claude_stack::ClaudeStack::new(cfg.stack.clone()).map_err(StartError::Stack)?;
         let upstream = stack.client().map_err(StartError::Stack)?;
+        let cost = stack.cost_tracker().cloned();
+        let costs: Option<server::CostReport> = cost
+            .clone()
+            .map(|t| Arc::new(move || admin::costs_json(&t.report())) as server::CostReport);
 
         let metrics = prometheus();
         let counters = Arc::new(Counters::default());
@@ -153,7 +159,7 @@ impl Gateway {
             upstream,
             keys: keys.clone(),
             metrics,
-            costs: None,
+            costs,
             counters: counters.clone(),
             body_limit: cfg.body_limit,
             ready: Arc::new(|| true),
@@ -182,6 +188,7 @@ impl Gateway {
             stop: Some(stop),
             task,
             mock,
+            cost,
         })
     }
 
@@ -213,7 +220,9 @@ impl Gateway {
         }
         let drained = (&mut self.task).await.unwrap_or(false);
         let c = &self.counters;
+        let totals = self.cost.as_ref().map(claude_cost::CostTracker::total);
         Summary {
+            costs: totals,
             drained,
             requests: c.requests.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
@@ -265,6 +274,8 @@ pub struct Summary {
     pub local_errors: u64,
     /// Requests refused for a bad or missing gateway key.
     pub unauthorized: u64,
+    /// Tokens and money, when cost tracking is on.
+    pub costs: Option<claude_cost::Totals>,
 }
 
 impl fmt::Display for Summary {
@@ -275,6 +286,21 @@ impl fmt::Display for Summary {
         writeln!(f, "  cache hits            {}", self.cache_hits)?;
         writeln!(f, "  local errors          {}", self.local_errors)?;
         writeln!(f, "  unauthorized          {}", self.unauthorized)?;
+        if let Some(t) = &self.costs {
+            writeln!(f, "  input tokens          {}", t.input_tokens)?;
+            writeln!(f, "  output tokens         {}", t.output_tokens)?;
+            writeln!(f, "  cache write tokens    {}", t.cache_write_tokens())?;
+            writeln!(f, "  cache read tokens     {}", t.cache_read_tokens)?;
+            writeln!(f, "  cost                  {}", t.cost)?;
+            if t.unpriced_requests > 0 {
+                writeln!(
+                    f,
+                    "  unpriced requests     {} (unknown models)",
+                    t.unpriced_requests
+                )?;
+            }
+            writeln!(f, "  saved by the cache    {}", t.savings)?;
+        }
         write!(
             f,
             "  in-flight drained     {}",

@@ -218,3 +218,106 @@ async fn refuses_public_listen_without_keys_and_names_bad_fields() {
     .unwrap_err();
     assert!(err.to_string().contains("conect_timeout"), "{err}");
 }
+
+#[tokio::test]
+async fn admin_costs_match_what_the_mock_served() {
+    let gw = Gateway::start(Options {
+        mock: true,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let c = client();
+    for (i, usage) in [
+        "input=100,output=20",
+        "input=7,output=3,cache_read=50,cache_write_5m=10",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = if i == 0 {
+            BODY.to_owned()
+        } else {
+            BODY.replace("\"max_tokens\":32", "\"max_tokens\":32,\"stream\":true")
+        };
+        let (s, _, _) = send(
+            &c,
+            &gw,
+            "POST",
+            "/v1/messages",
+            &[("x-mock-usage", usage)],
+            &body,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let (s, _, b) = send(&c, &gw, "GET", "/admin/costs", &[], "").await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    let served = gw.mock().unwrap().stats().usage;
+    let total = &v["total"];
+    assert_eq!(total["requests"], 2);
+    assert_eq!(total["input_tokens"], served.input_tokens);
+    assert_eq!(total["output_tokens"], served.output_tokens);
+    assert_eq!(
+        total["cache_creation_input_tokens"],
+        served.cache_creation_input_tokens
+    );
+    assert_eq!(
+        total["cache_read_input_tokens"],
+        served.cache_read_input_tokens
+    );
+    // Sonnet 4.5: $3 in, $15 out, $3.75 5m write, $0.30 read per MTok:
+    // (107×3 + 23×15 + 10×3.75 + 50×0.30) / 1e6 = $0.0007185
+    assert_eq!(total["cost_usd"], "0.0007185");
+    assert_eq!(v["by_tenant"]["default"]["requests"], 2);
+    assert_eq!(
+        v["by_model"]["claude-sonnet-4-5-20250929"]["cost_usd"], "0.0007185",
+        "{v:#}"
+    );
+    let summary = gw.shutdown().await;
+    assert_eq!(summary.costs.unwrap().output_tokens, 23);
+}
+
+#[tokio::test]
+async fn admin_costs_need_the_admin_key_when_one_is_set() {
+    let cfg = temp_config(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin_key_hash = \"{}\"\n",
+        format_hash("admin-secret")
+    ));
+    let gw = Gateway::start(Options {
+        mock: true,
+        config_path: Some(cfg),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let c = client();
+    let (s, _, _) = send(&c, &gw, "GET", "/admin/costs", &[], "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = send(
+        &c,
+        &gw,
+        "GET",
+        "/admin/costs",
+        &[("authorization", "Bearer nope")],
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, b) = send(
+        &c,
+        &gw,
+        "GET",
+        "/admin/costs",
+        &[("authorization", "Bearer admin-secret")],
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["total"]["requests"], 0);
+    assert_eq!(v["total"]["cost_usd"], "0.00");
+    gw.shutdown().await;
+}

@@ -29,6 +29,8 @@
 
 mod client;
 mod stack;
+mod toggle;
 
 pub use client::{ClientConfig, HttpClient, TimeoutBody};
 pub use stack::{ClaudeStack, StackBody, StackConfig, StackService};
+pub use toggle::Toggle;

@@ -1,27 +1,48 @@
 //! [`ClaudeStack`]: every layer in the documented order, each optional, around any service.
+//!
+//! # Order (outermost first) and why
+//!
+//! 1. **cost**: checks the budget before anything is spent, and records the final usage
+//!    once per request, whatever happened below (a retried request is charged once, for
+//!    the answer the caller got; a cache hit is recorded as savings).
+//! 2. **cache**: a hit returns here, so it costs nothing upstream and touches no limiter.
+//! 3. **retry**: each attempt below is a fresh pass through the timeout, the limiter and the
+//!    key layer.
+//! 4. **per-attempt timeout** (until the response headers): inside retry, so a timed-out
+//!    attempt is retried.
+//! 5. **rate limit**: every attempt waits its turn, so retries cannot break the limits.
+//! 6. **API key**: injects the key; on a 401 it refreshes and replays once, below the retry
+//!    layer (a rotated key costs no retry).
+//! 7. the HTTP client (or any service you pass).
+//!
+//! Layers that are switched off are simply absent. Each present layer's response body is
+//! boxed once so that optional layers compose; the cost is one allocation per layer and
+//! request.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use claude_core::{BoxError, Error};
+use claude_core::{BoxError, Error, ErrorKind};
+use claude_cost::{CostConfig, CostTracker};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use serde::Deserialize;
 use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::client::{ClientConfig, HttpClient};
+use crate::toggle::Toggle;
 
-/// The response body of an assembled stack: streamed, boxed once.
+/// The response body of an assembled stack: streamed, boxed once per layer.
 pub type StackBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// An assembled stack: `Request<Bytes>` in, a streamed response out. Cheap to clone.
 pub type StackService = BoxCloneSyncService<Request<Bytes>, Response<StackBody>, BoxError>;
 
-/// Configuration of the whole stack, as one TOML document (see each section's type for its
-/// fields and defaults).
+/// Configuration of the whole stack, as one TOML document. Each layer section is `false`
+/// (off), `true` (on with defaults) or a table of settings (on).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StackConfig {
@@ -31,6 +52,8 @@ pub struct StackConfig {
     /// a timed-out attempt is retried). Default 600 s, the SDKs' default.
     #[serde(with = "claude_core::config::option_duration")]
     pub attempt_timeout: Option<Duration>,
+    /// Cost accounting and budgets ([`claude_cost`]). Default: on, bundled prices, no budget.
+    pub cost: Toggle<CostConfig>,
 }
 
 impl Default for StackConfig {
@@ -38,14 +61,17 @@ impl Default for StackConfig {
         Self {
             client: ClientConfig::default(),
             attempt_timeout: Some(Duration::from_secs(600)),
+            cost: Toggle::On(CostConfig::default()),
         }
     }
 }
 
-/// The stack builder.
+/// The stack builder: holds the configuration and the state shared by every service it
+/// builds (the cost ledger), so two services built from one stack share budgets.
 #[derive(Debug, Clone)]
 pub struct ClaudeStack {
     config: StackConfig,
+    cost: Option<CostTracker>,
 }
 
 impl ClaudeStack {
@@ -53,14 +79,27 @@ impl ClaudeStack {
     ///
     /// # Errors
     ///
-    /// Fails when a section is invalid; the message names the field.
+    /// Fails when a section is invalid (e.g. an unreadable price file); the message names
+    /// the section.
     pub fn new(config: StackConfig) -> Result<Self, Error> {
-        Ok(Self { config })
+        let cost = match config.cost.as_on() {
+            Some(c) => Some(
+                CostTracker::from_config(c)
+                    .map_err(|e| Error::new(ErrorKind::InvalidRequest, format!("cost: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Self { config, cost })
     }
 
     /// The configuration.
     pub fn config(&self) -> &StackConfig {
         &self.config
+    }
+
+    /// The cost ledger, when the cost layer is on.
+    pub fn cost_tracker(&self) -> Option<&CostTracker> {
+        self.cost.as_ref()
     }
 
     /// The stack around any service of `Request<Bytes>` (a hyper client, a test double).
@@ -72,18 +111,19 @@ impl ClaudeStack {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let inner = inner
-            .map_response(|r: Response<B>| r.map(|b| b.map_err(Into::into).boxed_unsync()))
-            .map_err(Into::into);
-        let svc = ServiceBuilder::new()
-            .option_layer(
-                self.config
-                    .attempt_timeout
-                    .map(tower::timeout::TimeoutLayer::new),
-            )
-            .service(inner)
-            .map_err(Into::<BoxError>::into);
-        BoxCloneSyncService::new(svc)
+        let mut svc = boxed(inner);
+        // Innermost first.
+        if let Some(t) = self.config.attempt_timeout {
+            svc = boxed(
+                ServiceBuilder::new()
+                    .layer(tower::timeout::TimeoutLayer::new(t))
+                    .service(svc),
+            );
+        }
+        if let Some(tracker) = &self.cost {
+            svc = wrap(svc, tracker.layer());
+        }
+        svc
     }
 
     /// The stack around an [`HttpClient`] built from the `client` section.
@@ -95,4 +135,33 @@ impl ClaudeStack {
         let http = HttpClient::new(&self.config.client)?;
         Ok(self.service(http))
     }
+}
+
+/// Boxes a service into a [`StackService`], boxing its body.
+fn boxed<S, B>(inner: S) -> StackService
+where
+    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    BoxCloneSyncService::new(
+        inner
+            .map_response(|r: Response<B>| r.map(|b| b.map_err(Into::into).boxed_unsync()))
+            .map_err(Into::into),
+    )
+}
+
+/// Applies `layer` around a boxed stack and boxes the result.
+fn wrap<L, B>(svc: StackService, layer: L) -> StackService
+where
+    L: Layer<StackService>,
+    L::Service: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    <L::Service as Service<Request<Bytes>>>::Error: Into<BoxError>,
+    <L::Service as Service<Request<Bytes>>>::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    boxed(layer.layer(svc))
 }
