@@ -93,9 +93,23 @@ pub(crate) struct AnswerUsage {
     pub(crate) cache_read: u64,
     pub(crate) cache_write_5m: u64,
     pub(crate) cache_write_1h: u64,
+    pub(crate) web_search: u64,
+    pub(crate) service_tier: &'static str,
 }
 
 impl AnswerUsage {
+    /// `,"server_tool_use":{…}` when web searches were scripted, else nothing.
+    fn server_tool_use(&self) -> String {
+        if self.web_search == 0 {
+            String::new()
+        } else {
+            format!(
+                ",\"server_tool_use\":{{\"web_search_requests\":{}}}",
+                self.web_search
+            )
+        }
+    }
+
     pub(crate) fn cache_creation(&self) -> u64 {
         self.cache_write_5m.saturating_add(self.cache_write_1h)
     }
@@ -115,12 +129,14 @@ impl AnswerUsage {
             out,
             "{{\"input_tokens\":{},\"cache_creation_input_tokens\":{},\"cache_read_input_tokens\":{},\
              \"cache_creation\":{{\"ephemeral_5m_input_tokens\":{},\"ephemeral_1h_input_tokens\":{}}},\
-             \"output_tokens\":{output},\"service_tier\":\"standard\"}}",
+             \"output_tokens\":{output}{},\"service_tier\":\"{}\"}}",
             self.input,
             self.cache_creation(),
             self.cache_read,
             self.cache_write_5m,
             self.cache_write_1h,
+            self.server_tool_use(),
+            self.service_tier,
         );
     }
 }
@@ -169,12 +185,13 @@ impl Answer<'_> {
         Bytes::from(format!(
             "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"{}\",\
              \"stop_sequence\":null}},\"usage\":{{\"input_tokens\":{},\"cache_creation_input_tokens\":{},\
-             \"cache_read_input_tokens\":{},\"output_tokens\":{}}}}}\n\n",
+             \"cache_read_input_tokens\":{},\"output_tokens\":{}{}}}}}\n\n",
             self.stop_reason,
             self.usage.input,
             self.usage.cache_creation(),
             self.usage.cache_read,
             self.usage.output,
+            self.usage.server_tool_use(),
         ))
     }
 
@@ -560,6 +577,8 @@ mod tests {
             cache_read: 3,
             cache_write_5m: 2,
             cache_write_1h: 1,
+            web_search: 0,
+            service_tier: "standard",
         }
     }
 

@@ -14,6 +14,27 @@ pub(crate) struct ScriptedUsage {
     pub(crate) cache_read: u64,
     pub(crate) cache_write_5m: u64,
     pub(crate) cache_write_1h: u64,
+    pub(crate) web_search: u64,
+    pub(crate) service_tier: ServiceTier,
+}
+
+/// `usage.service_tier` of an answer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ServiceTier {
+    #[default]
+    Standard,
+    Priority,
+    Batch,
+}
+
+impl ServiceTier {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Standard => "standard",
+            Self::Priority => "priority",
+            Self::Batch => "batch",
+        }
+    }
 }
 
 /// Everything the `x-mock-*` headers of one request asked for.
@@ -63,11 +84,26 @@ fn is_non_negative_number(value: &str) -> bool {
 
 fn parse_usage(name: &str, value: &str) -> Result<ScriptedUsage, String> {
     const EXPECTED: &str = "comma-separated key=value pairs with keys input, output, cache_read, \
-                            cache_write_5m, cache_write_1h and non-negative integer values";
+                            cache_write_5m, cache_write_1h, web_search (non-negative integers) \
+                            and service_tier (standard, priority or batch)";
     let mut usage = ScriptedUsage::default();
-    let mut seen = [false; 5];
+    let mut seen = [false; 7];
     for pair in value.split(',') {
         let (key, val) = pair.split_once('=').ok_or_else(|| bad(name, EXPECTED))?;
+        if key.trim() == "service_tier" {
+            usage.service_tier = match val.trim() {
+                "standard" => ServiceTier::Standard,
+                "priority" => ServiceTier::Priority,
+                "batch" => ServiceTier::Batch,
+                _ => return Err(bad(name, EXPECTED)),
+            };
+            if std::mem::replace(&mut seen[6], true) {
+                return Err(format!(
+                    "{name}: header value is invalid: key `service_tier` repeated"
+                ));
+            }
+            continue;
+        }
         let val = parse_u64(name, val).map_err(|_| bad(name, EXPECTED))?;
         let slot = match key.trim() {
             "input" => {
@@ -89,6 +125,10 @@ fn parse_usage(name: &str, value: &str) -> Result<ScriptedUsage, String> {
             "cache_write_1h" => {
                 usage.cache_write_1h = val;
                 4
+            }
+            "web_search" => {
+                usage.web_search = val;
+                5
             }
             _ => return Err(bad(name, EXPECTED)),
         };
@@ -223,8 +263,18 @@ mod tests {
                 cache_read: 500,
                 cache_write_5m: 100,
                 cache_write_1h: 0,
+                web_search: 0,
+                service_tier: ServiceTier::Standard,
             }
         );
+        let d = Directives::parse(&headers(&[(
+            "x-mock-usage",
+            "web_search=3,service_tier=batch",
+        )]))
+        .unwrap();
+        assert_eq!(d.usage.web_search, 3);
+        assert_eq!(d.usage.service_tier, ServiceTier::Batch);
+        assert!(Directives::parse(&headers(&[("x-mock-usage", "service_tier=cheap")])).is_err());
     }
 
     #[test]

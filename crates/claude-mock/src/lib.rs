@@ -122,7 +122,7 @@
 //! | Header | Effect |
 //! |---|---|
 //! | `x-mock-output-tokens: N` | reply length (capped by `max_tokens`); `x-mock-usage` `output` wins over it |
-//! | `x-mock-usage: input=1200,output=300,cache_read=500,cache_write_5m=100,cache_write_1h=0` | the exact usage reported in the JSON and in the stream; any subset; missing `input`/`output` take the estimate, missing cache keys 0; `cache_creation_input_tokens = cache_write_5m + cache_write_1h` and `cache_creation` carries the split. A scripted `output` is reported as is (not capped); a stream then carries `min(output, 4096)` deltas |
+//! | `x-mock-usage: input=1200,output=300,cache_read=500,cache_write_5m=100,cache_write_1h=0` | the exact usage reported in the JSON and in the stream; any subset; missing `input`/`output` take the estimate, missing cache keys 0; `cache_creation_input_tokens = cache_write_5m + cache_write_1h` and `cache_creation` carries the split; `web_search=N` reports `server_tool_use.web_search_requests` (in the JSON usage and the final `message_delta`), `service_tier=standard|priority|batch` sets `usage.service_tier` (default `standard`). A scripted `output` is reported as is (not capped); a stream then carries `min(output, 4096)` deltas |
 //! | `x-mock-fault: 429,529,ok` | the outcome of successive attempts of the same request (see Faults) |
 //! | `x-mock-key: K` | counts attempts per `K` instead of per request content |
 //! | `x-mock-retry-after: S` | copied as `retry-after` on scripted error responses (seconds, or an HTTP date) |

@@ -512,6 +512,8 @@ async fn messages(
         cache_read: directives.usage.cache_read,
         cache_write_5m: directives.usage.cache_write_5m,
         cache_write_1h: directives.usage.cache_write_1h,
+        web_search: directives.usage.web_search,
+        service_tier: directives.usage.service_tier.as_str(),
     };
 
     // Limits.

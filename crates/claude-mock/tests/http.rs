@@ -985,6 +985,25 @@ async fn scripted_usage_json_and_sse() -> TestResult {
     assert_eq!(end["cache_creation_input_tokens"], 107);
     assert_eq!(end["cache_read_input_tokens"], 500);
 
+    assert!(
+        end.get("server_tool_use").is_none(),
+        "no web search scripted"
+    );
+
+    // Web searches and the batch tier, in JSON and in the final message_delta.
+    let tools = (
+        "x-mock-usage",
+        "input=10,output=5,web_search=2,service_tier=batch",
+    );
+    let v = post(&mock, &[tools], BODY).await?.json();
+    assert_eq!(v["usage"]["server_tool_use"]["web_search_requests"], 2);
+    assert_eq!(v["usage"]["service_tier"], "batch");
+    let events = parse_events(post(&mock, &[tools], STREAM_BODY).await?.text());
+    let start = &events[0].1["message"]["usage"];
+    assert_eq!(start["service_tier"], "batch");
+    let end = &events.iter().find(|(n, _)| n == "message_delta").unwrap().1["usage"];
+    assert_eq!(end["server_tool_use"]["web_search_requests"], 2);
+
     // A subset: input from the estimate, no cache.
     let v = post(&mock, &[("x-mock-usage", "output=2")], BODY)
         .await?
