@@ -143,9 +143,10 @@ pub fn classify_stream_error(api_type: &str) -> Classification {
 /// - `tower::timeout::error::Elapsed` → [`ErrorKind::Timeout`], retryable;
 /// - hyper-util's client error with `is_connect()` → [`ErrorKind::Connection`], retryable
 ///   (nothing was sent);
-/// - a `hyper::Error` that is an incomplete message, closed, canceled, or a body write abort →
-///   [`ErrorKind::Connection`], retryable (like the SDKs, which retry every connection error);
-///   a hyper timeout → [`ErrorKind::Timeout`];
+/// - a `hyper::Error`: a timeout → [`ErrorKind::Timeout`]; any other that is not a misuse
+///   by the caller (`is_user`) — incomplete message, closed, canceled, body write abort,
+///   HTTP/2 `RST_STREAM`/`GOAWAY` — → [`ErrorKind::Connection`], retryable (like the SDKs,
+///   which retry every connection error);
 /// - an `std::io::Error` of a connection kind (refused, reset, aborted, broken pipe,
 ///   unexpected EOF) → Connection; `TimedOut` → Timeout;
 /// - anything else → [`ErrorKind::Internal`], not retryable.
@@ -180,11 +181,11 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> Classification {
             if h.is_timeout() {
                 return transport(ErrorKind::Timeout);
             }
-            if h.is_incomplete_message()
-                || h.is_closed()
-                || h.is_canceled()
-                || h.is_body_write_aborted()
-            {
+            // Anything but a misuse of hyper by the caller is a failed exchange: incomplete
+            // message, closed or canceled connection, aborted body write, and HTTP/2 stream
+            // or connection errors (RST_STREAM, GOAWAY), which hyper reports without a
+            // public predicate. The SDKs retry every such connection error.
+            if !h.is_user() {
                 return transport(ErrorKind::Connection);
             }
         }

@@ -35,15 +35,12 @@ impl BodyFormat {
     /// The format announced by a `content-type` header: SSE for `text/event-stream`, JSON
     /// otherwise.
     pub fn from_content_type(content_type: Option<&http::HeaderValue>) -> Self {
-        match content_type.and_then(|v| v.to_str().ok()) {
-            Some(ct)
-                if ct
-                    .trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("text/event-stream") =>
-            {
-                Self::Sse
-            }
+        const SSE: &[u8] = b"text/event-stream";
+        let Some(ct) = content_type.map(http::HeaderValue::as_bytes) else {
+            return Self::Json;
+        };
+        match ct.trim_ascii_start().get(..SSE.len()) {
+            Some(prefix) if prefix.eq_ignore_ascii_case(SSE) => Self::Sse,
             _ => Self::Json,
         }
     }
@@ -729,6 +726,18 @@ data: {\"type\":\"message_stop\"}\n\n";
             assert_eq!(r.usage.output_tokens, 15, "sep {sep:?}");
             assert!(r.completed);
         }
+    }
+
+    #[test]
+    fn content_type_detection() {
+        let f = |v: &'static str| {
+            BodyFormat::from_content_type(Some(&http::HeaderValue::from_static(v)))
+        };
+        assert_eq!(f("text/event-stream"), BodyFormat::Sse);
+        assert_eq!(f(" Text/Event-Stream; charset=utf-8"), BodyFormat::Sse);
+        assert_eq!(f("application/json"), BodyFormat::Json);
+        assert_eq!(f("text/event"), BodyFormat::Json);
+        assert_eq!(BodyFormat::from_content_type(None), BodyFormat::Json);
     }
 
     #[test]
