@@ -146,7 +146,11 @@ impl Gateway {
             None
         };
         cfg.stack.client.base_url.clone_from(&cfg.upstream);
-        let stack = claude_stack::ClaudeStack::new(cfg.stack.clone()).map_err(StartError::Stack)?;
+        let mut stack =
+            claude_stack::ClaudeStack::new(cfg.stack.clone()).map_err(StartError::Stack)?;
+        if !cfg.stack.secrets.is_on() {
+            stack = stack.with_api_keys(default_api_keys(options.mock, options.use_env)?);
+        }
         let upstream = stack.client().map_err(StartError::Stack)?;
         let cost = stack.cost_tracker().cloned();
         let costs: Option<server::CostReport> = cost
@@ -231,6 +235,33 @@ impl Gateway {
             unauthorized: c.unauthorized.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The upstream key when the configuration names no secret source: `ANTHROPIC_API_KEY`
+/// (re-read on every refresh, so rotating the variable's file-backed value works), or, in
+/// mock mode without it, a placeholder the mock accepts.
+fn default_api_keys(mock: bool, use_env: bool) -> Result<claude_secrets::ApiKeyLayer, StartError> {
+    use claude_secrets::{EnvSource, KeyRing, KeyRingConfig, StaticSource};
+    let has_env = use_env && std::env::var_os("ANTHROPIC_API_KEY").is_some_and(|v| !v.is_empty());
+    let ring = if has_env {
+        KeyRing::new(
+            EnvSource::new("ANTHROPIC_API_KEY"),
+            KeyRingConfig::default(),
+        )
+    } else if mock {
+        KeyRing::new(
+            StaticSource::new("sk-ant-mock-gateway"),
+            KeyRingConfig::default(),
+        )
+    } else {
+        return Err(StartError::Config(ConfigError {
+            field: "stack.secrets".into(),
+            message: "no upstream API key: set ANTHROPIC_API_KEY, or name a secret source in \
+                      [stack.secrets] (env, file, vault, aws), or run with --mock"
+                .into(),
+        }));
+    };
+    Ok(claude_secrets::ApiKeyLayer::new(ring))
 }
 
 /// The process-wide Prometheus recorder (metrics recorders are global: one per process,

@@ -1019,7 +1019,10 @@ async fn scripted_usage_json_and_sse() -> TestResult {
     assert!(answer.text().contains("\"output_tokens\":5000"));
 
     let stats = wait_idle(&mock).await;
-    assert_eq!(stats.usage.input_tokens, 1200 * 2 + 10 * 2 + BODY_INPUT_TOKENS * 2);
+    assert_eq!(
+        stats.usage.input_tokens,
+        1200 * 2 + 10 * 2 + BODY_INPUT_TOKENS * 2
+    );
     assert_eq!(stats.usage.output_tokens, 300 * 2 + 5 * 2 + 2 + 5000);
     assert_eq!(stats.usage.cache_read_input_tokens, 1000);
     assert_eq!(stats.usage.cache_creation_input_tokens, 214);

@@ -24,6 +24,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use claude_core::{BoxError, Error, ErrorKind};
 use claude_cost::{CostConfig, CostTracker};
+use claude_ratelimit::{RateLimitConfig, RateLimitLayer};
+use claude_retry::{RetryConfig, RetryLayer};
+use claude_secrets::ApiKeyLayer;
+use claude_secrets::config::SecretsConfig;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -43,7 +47,7 @@ pub type StackService = BoxCloneSyncService<Request<Bytes>, Response<StackBody>,
 
 /// Configuration of the whole stack, as one TOML document. Each layer section is `false`
 /// (off), `true` (on with defaults) or a table of settings (on).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StackConfig {
     /// The HTTP client at the bottom ([`HttpClient`]).
@@ -54,6 +58,15 @@ pub struct StackConfig {
     pub attempt_timeout: Option<Duration>,
     /// Cost accounting and budgets ([`claude_cost`]). Default: on, bundled prices, no budget.
     pub cost: Toggle<CostConfig>,
+    /// Retries ([`claude_retry`]). Default: on, the SDKs' schedule (2 retries).
+    pub retry: Toggle<RetryConfig>,
+    /// Client-side rate limits ([`claude_ratelimit`]). Default: off (set the limits your
+    /// organisation has).
+    pub rate_limit: Toggle<RateLimitConfig>,
+    /// API keys ([`claude_secrets`]): sources, environments, rotation. Default: off (the
+    /// service below is given requests as they are; the gateway supplies
+    /// `ANTHROPIC_API_KEY` when this is off).
+    pub secrets: Toggle<SecretsConfig>,
 }
 
 impl Default for StackConfig {
@@ -62,6 +75,9 @@ impl Default for StackConfig {
             client: ClientConfig::default(),
             attempt_timeout: Some(Duration::from_secs(600)),
             cost: Toggle::On(CostConfig::default()),
+            retry: Toggle::On(RetryConfig::default()),
+            rate_limit: Toggle::Off,
+            secrets: Toggle::Off,
         }
     }
 }
@@ -72,6 +88,9 @@ impl Default for StackConfig {
 pub struct ClaudeStack {
     config: StackConfig,
     cost: Option<CostTracker>,
+    retry: Option<RetryLayer>,
+    rate_limit: Option<RateLimitLayer>,
+    api_key: Option<ApiKeyLayer>,
 }
 
 impl ClaudeStack {
@@ -89,12 +108,53 @@ impl ClaudeStack {
             ),
             None => None,
         };
-        Ok(Self { config, cost })
+        let retry = match config.retry.as_on() {
+            Some(c) => {
+                c.validate()
+                    .map_err(|e| Error::new(ErrorKind::InvalidRequest, format!("retry: {e}")))?;
+                Some(RetryLayer::new(c.clone()))
+            }
+            None => None,
+        };
+        let rate_limit =
+            match config.rate_limit.as_on() {
+                Some(c) => Some(RateLimitLayer::from_config(c.clone()).map_err(|e| {
+                    Error::new(ErrorKind::InvalidRequest, format!("rate_limit: {e}"))
+                })?),
+                None => None,
+            };
+        let api_key = match config.secrets.as_on() {
+            Some(c) => Some(
+                c.build_layer()
+                    .map_err(|e| Error::new(ErrorKind::InvalidRequest, format!("secrets: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            cost,
+            retry,
+            rate_limit,
+            api_key,
+        })
     }
 
     /// The configuration.
     pub fn config(&self) -> &StackConfig {
         &self.config
+    }
+
+    /// Uses `layer` for API keys instead of the `secrets` section (e.g. a key ring over a
+    /// source built in code).
+    #[must_use]
+    pub fn with_api_keys(mut self, layer: ApiKeyLayer) -> Self {
+        self.api_key = Some(layer);
+        self
+    }
+
+    /// The rate limiter, when it is on (for snapshots and eviction).
+    pub fn rate_limiter(&self) -> Option<&RateLimitLayer> {
+        self.rate_limit.as_ref()
     }
 
     /// The cost ledger, when the cost layer is on.
@@ -113,12 +173,21 @@ impl ClaudeStack {
     {
         let mut svc = boxed(inner);
         // Innermost first.
+        if let Some(keys) = &self.api_key {
+            svc = wrap(svc, keys.clone());
+        }
+        if let Some(limiter) = &self.rate_limit {
+            svc = wrap(svc, limiter.clone());
+        }
         if let Some(t) = self.config.attempt_timeout {
             svc = boxed(
                 ServiceBuilder::new()
                     .layer(tower::timeout::TimeoutLayer::new(t))
                     .service(svc),
             );
+        }
+        if let Some(retry) = &self.retry {
+            svc = wrap(svc, retry.clone());
         }
         if let Some(tracker) = &self.cost {
             svc = wrap(svc, tracker.layer());
