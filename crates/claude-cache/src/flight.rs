@@ -1,0 +1,252 @@
+//! Single-flight: concurrent identical misses go upstream once.
+//!
+//! The first miss on a key becomes the leader and registers a flight (a `watch` channel) in
+//! the in-flight map; later misses on the same key follow it and wait. The leader's
+//! [`FlightGuard`] has two ways out:
+//!
+//! - [`FlightGuard::publish`]: the answer was stored; followers wake up and serve it as a
+//!   hit.
+//! - drop without publishing (upstream failed, the answer is not cacheable, the caller
+//!   dropped the future or the body): the channel closes, and every follower goes upstream
+//!   by itself at once.
+//!
+//! Either way the guard's `Drop` removes the flight from the map, so nothing leaks whatever
+//! path a request takes. A flight whose answer completed stays in the map until its entry is
+//! in moka, and lookups read such flights before moka: a request that follows the refresh of
+//! an entry (`no-cache`, or a `max-age` the old entry failed) gets the new answer, never the
+//! old one, even before the insert has landed (while the answer is being copied it waits for
+//! the copy, never for an upstream). The map is sharded by key so that this check, on every
+//! lookup, does not contend. This is deliberately not moka's `get_with`: there, a waiter is
+//! stuck for as long as the initialising future is neither polled nor dropped (moka#240).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+use crate::entry::Entry;
+use crate::key::CacheKey;
+
+/// The state of one flight. A released flight is a closed channel.
+#[derive(Debug, Clone)]
+pub(crate) enum Flight {
+    /// The leader is upstream.
+    Pending,
+    /// The leader's answer completed and is being stored (a copy away from `Stored`).
+    Storing,
+    /// The leader's answer, stored or about to be inserted.
+    Stored(Arc<Entry>),
+}
+
+type Shard = Mutex<HashMap<CacheKey, (u64, watch::Receiver<Flight>)>>;
+
+const SHARDS: usize = 64;
+
+/// The in-flight map.
+#[derive(Debug)]
+pub(crate) struct Flights {
+    shards: Box<[Shard]>,
+    next_id: AtomicU64,
+}
+
+impl Default for Flights {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            next_id: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What a miss does on a key.
+#[derive(Debug)]
+pub(crate) enum Role {
+    /// Go upstream; release or feed the followers through the guard.
+    Leader(FlightGuard),
+    /// Wait for the leader.
+    Follower(watch::Receiver<Flight>),
+}
+
+impl Flights {
+    /// Joins the flight on `key`, or starts one.
+    fn shard(
+        &self,
+        key: &CacheKey,
+    ) -> std::sync::MutexGuard<'_, HashMap<CacheKey, (u64, watch::Receiver<Flight>)>> {
+        // Keys are uniform hashes: any byte spreads them.
+        self.shards[usize::from(key.as_bytes()[0]) % SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The flight on `key`, if its answer has completed (it is being stored, or stored).
+    pub(crate) fn completed(&self, key: &CacheKey) -> Option<watch::Receiver<Flight>> {
+        let map = self.shard(key);
+        let (_, rx) = map.get(key)?;
+        let done = !matches!(*rx.borrow(), Flight::Pending);
+        done.then(|| rx.clone())
+    }
+
+    pub(crate) fn join(self: &Arc<Self>, key: CacheKey) -> Role {
+        let mut map = self.shard(&key);
+        if let Some((_, rx)) = map.get(&key) {
+            return Role::Follower(rx.clone());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(Flight::Pending);
+        map.insert(key, (id, rx));
+        Role::Leader(FlightGuard {
+            flights: self.clone(),
+            key,
+            id,
+            tx,
+        })
+    }
+
+    /// The number of flights in progress.
+    pub(crate) fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+}
+
+/// Waits for the leader: `Some(entry)` when it stored its answer, `None` when it was
+/// released (the follower then goes upstream by itself).
+///
+/// # Cancel safety
+///
+/// Dropping the future leaves the flight untouched.
+pub(crate) async fn follow(mut rx: watch::Receiver<Flight>) -> Option<Arc<Entry>> {
+    let r = rx.wait_for(|f| matches!(f, Flight::Stored(_))).await;
+    match r.as_deref() {
+        Ok(Flight::Stored(e)) => Some(e.clone()),
+        _ => None,
+    }
+}
+
+/// The leader's side of a flight. Dropping it removes the flight from the map and, unless
+/// an entry was published, releases the followers.
+#[derive(Debug)]
+pub(crate) struct FlightGuard {
+    flights: Arc<Flights>,
+    key: CacheKey,
+    id: u64,
+    tx: watch::Sender<Flight>,
+}
+
+impl FlightGuard {
+    /// Says that the answer completed and is being stored: lookups wait for it rather than
+    /// read an older entry.
+    pub(crate) fn storing(&self) {
+        self.tx.send_replace(Flight::Storing);
+    }
+
+    /// Hands the stored answer to the followers (and to anyone who joins until the guard is
+    /// dropped).
+    pub(crate) fn publish(&self, entry: Arc<Entry>) {
+        self.tx.send_replace(Flight::Stored(entry));
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        let mut map = self.flights.shard(&self.key);
+        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            map.remove(&self.key);
+        }
+        // `self.tx` drops after this: the channel closes and pending followers are released.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::Head;
+    use claude_core::UsageReport;
+    use http::{HeaderMap, StatusCode};
+    use std::time::Duration;
+
+    fn key(n: u8) -> CacheKey {
+        crate::key::CacheKey::from_parts::<&str>(
+            None,
+            claude_core::Endpoint::Messages,
+            None,
+            &HeaderMap::new(),
+            &[b'0' + n],
+            &[],
+        )
+        .unwrap()
+    }
+
+    fn entry() -> Arc<Entry> {
+        let head = Head {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            model: None,
+            lifetime: Duration::from_secs(1),
+        };
+        Arc::new(Entry::new(head, &[], UsageReport::default()))
+    }
+
+    #[tokio::test]
+    async fn followers_get_the_published_entry() {
+        let f = Arc::new(Flights::default());
+        let Role::Leader(guard) = f.join(key(1)) else {
+            panic!("first is leader")
+        };
+        let Role::Follower(rx) = f.join(key(1)) else {
+            panic!("second follows")
+        };
+        assert!(matches!(f.join(key(2)), Role::Leader(_)), "other keys lead");
+        let waiter = tokio::spawn(follow(rx));
+        let e = entry();
+        assert!(f.completed(&key(1)).is_none(), "pending is not completed");
+        guard.storing();
+        let storing = f.completed(&key(1)).unwrap();
+        guard.publish(e.clone());
+        assert!(Arc::ptr_eq(&follow(storing).await.unwrap(), &e));
+        // Joining after publication still gets the entry.
+        let Role::Follower(late) = f.join(key(1)) else {
+            panic!("still in flight until the guard drops")
+        };
+        drop(guard);
+        assert!(Arc::ptr_eq(&waiter.await.unwrap().unwrap(), &e));
+        assert!(Arc::ptr_eq(&follow(late).await.unwrap(), &e));
+        assert_eq!(f.len(), 0);
+        assert!(f.completed(&key(1)).is_none());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_leader_releases_followers_and_the_key() {
+        let f = Arc::new(Flights::default());
+        let Role::Leader(guard) = f.join(key(1)) else {
+            panic!()
+        };
+        let Role::Follower(rx) = f.join(key(1)) else {
+            panic!()
+        };
+        let waiter = tokio::spawn(follow(rx));
+        drop(guard);
+        assert!(waiter.await.unwrap().is_none());
+        assert_eq!(f.len(), 0);
+        assert!(matches!(f.join(key(1)), Role::Leader(_)));
+    }
+
+    #[test]
+    fn an_old_guard_does_not_remove_a_newer_flight() {
+        let f = Arc::new(Flights::default());
+        let Role::Leader(old) = f.join(key(1)) else {
+            panic!()
+        };
+        // Simulate the old flight having been replaced under the same key.
+        f.shard(&key(1)).remove(&key(1));
+        let Role::Leader(_new) = f.join(key(1)) else {
+            panic!()
+        };
+        drop(old);
+        assert_eq!(f.len(), 1);
+    }
+}
