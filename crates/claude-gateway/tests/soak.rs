@@ -147,7 +147,9 @@ async fn ten_thousand_requests_with_faults_end_exactly_once_and_costs_match() {
     // The retried faults (429, 529, 500, reset) all end complete; only the after-the-answer
     // faults show: 4% of requests, a third of them streams.
     let after_answer = (0..N).filter(|i| i % 25 == 4).count() as u64;
-    let streams_after = (0..N).filter(|i| i % 25 == 4 && i.is_multiple_of(3)).count() as u64;
+    let streams_after = (0..N)
+        .filter(|i| i % 25 == 4 && i.is_multiple_of(3))
+        .count() as u64;
     assert_eq!(
         outcomes.get(&Outcome::StreamError).copied().unwrap_or(0),
         streams_after

@@ -28,9 +28,11 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
+mod observe;
 mod stack;
 mod toggle;
 
 pub use client::{ClientConfig, HttpClient, TimeoutBody};
+pub use observe::OVERHEAD_SECONDS;
 pub use stack::{ClaudeStack, StackBody, StackConfig, StackService};
 pub use toggle::Toggle;

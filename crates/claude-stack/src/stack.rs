@@ -2,6 +2,9 @@
 //!
 //! # Order (outermost first) and why
 //!
+//! 0. **observe**: one `tracing` span per request with the GenAI attribute names, request
+//!    headers that carry keys marked sensitive, and the stack's overhead histogram (see
+//!    [`crate::OVERHEAD_SECONDS`]).
 //! 1. **cost**: checks the budget before anything is spent, and records the final usage
 //!    once per request, whatever happened below (a retried request is charged once, for
 //!    the answer the caller got; a cache hit is recorded as savings).
@@ -22,6 +25,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use claude_cache::{CacheConfig, CacheHandle, CacheLayer};
 use claude_core::{BoxError, Error, ErrorKind};
 use claude_cost::{CostConfig, CostTracker};
 use claude_ratelimit::{RateLimitConfig, RateLimitLayer};
@@ -37,6 +41,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::client::{ClientConfig, HttpClient};
+use crate::observe::{ObserveLayer, Probe};
 use crate::toggle::Toggle;
 
 /// The response body of an assembled stack: streamed, boxed once per layer.
@@ -58,6 +63,9 @@ pub struct StackConfig {
     pub attempt_timeout: Option<Duration>,
     /// Cost accounting and budgets ([`claude_cost`]). Default: on, bundled prices, no budget.
     pub cost: Toggle<CostConfig>,
+    /// The response cache ([`claude_cache`]). Default: off (replaying answers is a choice:
+    /// sampled answers are not deterministic).
+    pub cache: Toggle<CacheConfig>,
     /// Retries ([`claude_retry`]). Default: on, the SDKs' schedule (2 retries).
     pub retry: Toggle<RetryConfig>,
     /// Client-side rate limits ([`claude_ratelimit`]). Default: off (set the limits your
@@ -75,6 +83,7 @@ impl Default for StackConfig {
             client: ClientConfig::default(),
             attempt_timeout: Some(Duration::from_secs(600)),
             cost: Toggle::On(CostConfig::default()),
+            cache: Toggle::Off,
             retry: Toggle::On(RetryConfig::default()),
             rate_limit: Toggle::Off,
             secrets: Toggle::Off,
@@ -88,6 +97,7 @@ impl Default for StackConfig {
 pub struct ClaudeStack {
     config: StackConfig,
     cost: Option<CostTracker>,
+    cache: Option<CacheLayer>,
     retry: Option<RetryLayer>,
     rate_limit: Option<RateLimitLayer>,
     api_key: Option<ApiKeyLayer>,
@@ -116,6 +126,7 @@ impl ClaudeStack {
             }
             None => None,
         };
+        let cache = config.cache.as_on().map(|c| CacheLayer::new(c.clone()));
         let rate_limit =
             match config.rate_limit.as_on() {
                 Some(c) => Some(RateLimitLayer::from_config(c.clone()).map_err(|e| {
@@ -133,6 +144,7 @@ impl ClaudeStack {
         Ok(Self {
             config,
             cost,
+            cache,
             retry,
             rate_limit,
             api_key,
@@ -157,6 +169,11 @@ impl ClaudeStack {
         self.rate_limit.as_ref()
     }
 
+    /// The response cache's handle (sizes, invalidation), when the cache is on.
+    pub fn cache(&self) -> Option<CacheHandle> {
+        self.cache.as_ref().map(CacheLayer::handle)
+    }
+
     /// The cost ledger, when the cost layer is on.
     pub fn cost_tracker(&self) -> Option<&CostTracker> {
         self.cost.as_ref()
@@ -171,13 +188,16 @@ impl ClaudeStack {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let mut svc = boxed(inner);
-        // Innermost first.
+        // Innermost first. The upstream probe times every attempt to its response headers.
+        let mut svc = boxed(Probe::Upstream.layer(inner));
         if let Some(keys) = &self.api_key {
             svc = wrap(svc, keys.clone());
         }
         if let Some(limiter) = &self.rate_limit {
+            // The probes around the limiter measure queueing, which is not overhead.
+            svc = wrap(svc, Probe::LimiterPass);
             svc = wrap(svc, limiter.clone());
+            svc = wrap(svc, Probe::LimiterEnter);
         }
         if let Some(t) = self.config.attempt_timeout {
             svc = boxed(
@@ -189,10 +209,13 @@ impl ClaudeStack {
         if let Some(retry) = &self.retry {
             svc = wrap(svc, retry.clone());
         }
+        if let Some(cache) = &self.cache {
+            svc = wrap(svc, cache.clone());
+        }
         if let Some(tracker) = &self.cost {
             svc = wrap(svc, tracker.layer());
         }
-        svc
+        BoxCloneSyncService::new(ObserveLayer.layer(svc))
     }
 
     /// The stack around an [`HttpClient`] built from the `client` section.

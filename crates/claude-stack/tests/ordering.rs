@@ -119,3 +119,39 @@ async fn a_401_refresh_happens_below_the_retry_layer() {
     assert_eq!(stats.by_status.get("200").copied(), Some(1));
     assert_eq!(stack.cost_tracker().unwrap().total().requests, 1);
 }
+
+#[tokio::test]
+async fn a_cache_hit_costs_nothing_and_touches_no_limiter() {
+    let mock = MockServer::start().await.unwrap();
+    let stack = ClaudeStack::new(config(
+        &mock,
+        "[cache]\n[rate_limit]\nrequests_per_minute = 1000\n",
+    ))
+    .unwrap();
+    let svc = stack.client().unwrap();
+    let usage = ("x-mock-usage", "input=1000,output=100");
+    let (s1, _, first) = send(&svc, &[usage]).await;
+    let (s2, ext, second) = send(&svc, &[usage]).await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(first, second, "the hit replays the stored answer");
+    assert!(ext.get::<claude_core::CacheHit>().is_some());
+    assert_eq!(
+        mock.stats().requests,
+        1,
+        "the hit never reached the upstream"
+    );
+    let snap = stack
+        .rate_limiter()
+        .unwrap()
+        .snapshot(&Tenant::default(), "claude-sonnet-4-5")
+        .unwrap();
+    assert_eq!(
+        snap.settled_requests, 1,
+        "the hit was not admitted by the limiter"
+    );
+    let t = stack.cost_tracker().unwrap().total();
+    assert_eq!((t.requests, t.cache_hits), (2, 1));
+    // Sonnet 4.5: 1,000 × $3 + 100 × $15 per MTok = $0.0045, spent once, saved once.
+    assert_eq!(t.cost.nanos(), 4_500_000);
+    assert_eq!(t.savings.nanos(), 4_500_000);
+}

@@ -1,0 +1,100 @@
+//! The stack's span carries the GenAI attributes and the usage, never the prompt, and the
+//! overhead histogram is recorded.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use claude_mock::MockServer;
+use claude_stack::{ClaudeStack, OVERHEAD_SECONDS, StackConfig};
+use http::Request;
+use http_body_util::BodyExt;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use tower::ServiceExt;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+#[derive(Clone, Default)]
+struct Buf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn span_has_gen_ai_fields_and_usage_but_no_prompt_and_overhead_is_recorded() {
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _t = tracing::subscriber::set_default(subscriber);
+    let _m = metrics::set_default_local_recorder(&recorder);
+    rt.block_on(async {
+        let mock = MockServer::start().await.unwrap();
+        let config: StackConfig =
+            toml::from_str(&format!("[client]\nbase_url = \"{}\"\n", mock.url())).unwrap();
+        let svc = ClaudeStack::new(config).unwrap().client().unwrap();
+        let req = Request::post("/v1/messages")
+            .header("x-mock-usage", "input=42,output=7")
+            .header("x-api-key", "sk-ant-caller-key-should-not-leak")
+            .body(Bytes::from_static(
+                br#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"TOP-SECRET-PROMPT"}]}"#,
+            ))
+            .unwrap();
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await.unwrap();
+        mock.shutdown().await;
+    });
+    let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("gen_ai.request"), "{logs}");
+    assert!(logs.contains("gen_ai.system=\"anthropic\""), "{logs}");
+    assert!(
+        logs.contains("gen_ai.request.model=\"claude-sonnet-4-5\""),
+        "{logs}"
+    );
+    assert!(logs.contains("gen_ai.usage.input_tokens=42"), "{logs}");
+    assert!(logs.contains("gen_ai.usage.output_tokens=7"), "{logs}");
+    assert!(logs.contains("http.response.status_code=200"), "{logs}");
+    assert!(
+        !logs.contains("TOP-SECRET-PROMPT"),
+        "the prompt must never be logged"
+    );
+    assert!(
+        !logs.contains("sk-ant-caller-key"),
+        "keys must never be logged"
+    );
+
+    let hist: Vec<f64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| k.key().name() == OVERHEAD_SECONDS)
+        .flat_map(|(.., v)| match v {
+            DebugValue::Histogram(h) => h.into_iter().map(ordered_float_inner).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(hist.len(), 1, "one overhead sample per request");
+    assert!(hist[0] >= 0.0 && hist[0].is_finite());
+}
+
+fn ordered_float_inner<F: Into<f64>>(x: F) -> f64 {
+    x.into()
+}
