@@ -233,6 +233,8 @@ impl Gateway {
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             local_errors: c.local_errors.load(Ordering::Relaxed),
             unauthorized: c.unauthorized.load(Ordering::Relaxed),
+            rate_limit_waits: c.rate_limit_waits.load(Ordering::Relaxed),
+            rate_limit_rejections: c.rate_limit_rejections.load(Ordering::Relaxed),
         }
     }
 }
@@ -305,6 +307,10 @@ pub struct Summary {
     pub local_errors: u64,
     /// Requests refused for a bad or missing gateway key.
     pub unauthorized: u64,
+    /// Requests that waited in the local rate-limit queue.
+    pub rate_limit_waits: u64,
+    /// Requests refused by the local rate limiter.
+    pub rate_limit_rejections: u64,
     /// Tokens and money, when cost tracking is on.
     pub costs: Option<claude_cost::Totals>,
 }
@@ -317,6 +323,8 @@ impl fmt::Display for Summary {
         writeln!(f, "  cache hits            {}", self.cache_hits)?;
         writeln!(f, "  local errors          {}", self.local_errors)?;
         writeln!(f, "  unauthorized          {}", self.unauthorized)?;
+        writeln!(f, "  rate-limit waits      {}", self.rate_limit_waits)?;
+        writeln!(f, "  rate-limit refusals   {}", self.rate_limit_rejections)?;
         if let Some(t) = &self.costs {
             writeln!(f, "  input tokens          {}", t.input_tokens)?;
             writeln!(f, "  output tokens         {}", t.output_tokens)?;

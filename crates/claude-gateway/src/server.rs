@@ -46,6 +46,10 @@ pub struct Counters {
     pub cache_hits: AtomicU64,
     /// Requests refused for a bad or missing client key.
     pub unauthorized: AtomicU64,
+    /// Requests that waited in the local rate-limit queue.
+    pub rate_limit_waits: AtomicU64,
+    /// Requests refused by the local rate limiter (queue full, wait too long).
+    pub rate_limit_rejections: AtomicU64,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -207,6 +211,15 @@ impl App {
                 if resp.extensions().get::<claude_core::CacheHit>().is_some() {
                     self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 }
+                if resp
+                    .extensions()
+                    .get::<claude_stack::StackTimings>()
+                    .is_some_and(|t| !t.queued.is_zero())
+                {
+                    self.counters
+                        .rate_limit_waits
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
                     resp.headers_mut().remove(h);
                 }
@@ -215,6 +228,16 @@ impl App {
             Err(e) => {
                 self.counters.local_errors.fetch_add(1, Ordering::Relaxed);
                 let e = Error::from_box(e);
+                if e.origin() == claude_core::Origin::Local
+                    && matches!(
+                        e.kind(),
+                        ErrorKind::RateLimited | ErrorKind::QueueFull | ErrorKind::QueueTimeout
+                    )
+                {
+                    self.counters
+                        .rate_limit_rejections
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(code = e.code(), error = %e, "request failed in the stack");
                 error_response(e)
             }

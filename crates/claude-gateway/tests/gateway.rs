@@ -321,3 +321,48 @@ async fn admin_costs_need_the_admin_key_when_one_is_set() {
     assert_eq!(v["total"]["cost_usd"], "0.00");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish_then_refuses_new_ones() {
+    let gw = Gateway::start(Options {
+        mock: true,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let addr = gw.addr();
+    let c = client();
+    let stream_body = BODY.replace("\"max_tokens\":32", "\"max_tokens\":32,\"stream\":true");
+    let in_flight = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let req = Request::post(format!("http://{addr}/v1/messages"))
+                .header("x-mock-latency-ms", "300")
+                .body(Full::new(Bytes::from(stream_body)))
+                .unwrap();
+            let resp = c.request(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        }
+    });
+    // Let the request reach the gateway, then stop it while the answer is pending.
+    while gw.mock().unwrap().stats().in_flight == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let summary = gw.shutdown().await;
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains("event: message_stop"),
+        "the in-flight stream finished whole"
+    );
+    assert!(summary.drained);
+    assert_eq!(summary.requests, 1);
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(
+        refused.is_err(),
+        "a stopped gateway accepts no new connections"
+    );
+}

@@ -83,4 +83,5 @@ async fn official_python_sdk_works_through_the_gateway() {
     let summary = gw.shutdown().await;
     assert!(summary.retries >= 1);
     assert!(summary.unauthorized >= 1);
+    assert!(summary.rate_limit_rejections >= 1, "{summary}");
 }

@@ -27,12 +27,14 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod claude_client;
 mod client;
 mod observe;
 mod stack;
 mod toggle;
 
+pub use claude_client::ClaudeClient;
 pub use client::{ClientConfig, HttpClient, TimeoutBody};
-pub use observe::OVERHEAD_SECONDS;
+pub use observe::{OVERHEAD_SECONDS, StackTimings};
 pub use stack::{ClaudeStack, StackBody, StackConfig, StackService};
 pub use toggle::Toggle;

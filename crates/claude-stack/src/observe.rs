@@ -43,6 +43,20 @@ use crate::stack::{StackBody, StackService};
 /// The histogram of the stack's own time per request, in seconds.
 pub const OVERHEAD_SECONDS: &str = "claude_stack_overhead_seconds";
 
+/// Where a request's time went, as a response extension set by the stack (up to the
+/// response headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StackTimings {
+    /// Waiting on the upstream (all attempts, to their response headers).
+    pub upstream: Duration,
+    /// Queued by the rate limiter (all attempts).
+    pub queued: Duration,
+    /// Sleeping between retries.
+    pub backoff: Duration,
+    /// The stack's own work: the rest.
+    pub overhead: Duration,
+}
+
 /// Time spent below the stack's own work, shared by the probes of one request.
 #[derive(Debug, Default)]
 pub(crate) struct Timings {
@@ -155,7 +169,9 @@ impl Service<Request<Bytes>> for Observe<StackService> {
                     "claude.cache_hit",
                     resp.extensions().get::<CacheHit>().is_some(),
                 );
-                record_overhead(&span, elapsed, &timings, retry_waits);
+                let t = record_overhead(&span, elapsed, &timings, retry_waits);
+                let mut resp = resp;
+                resp.extensions_mut().insert(t);
                 let (resp, usage) = observe_usage(resp);
                 let span_for_usage = span.clone();
                 usage.on_complete(move |r| {
@@ -184,18 +200,26 @@ impl Service<Request<Bytes>> for Observe<StackService> {
     }
 }
 
-fn record_overhead(span: &tracing::Span, elapsed: Duration, t: &Timings, retry_waits: Duration) {
-    let below = Duration::from_nanos(
-        t.upstream_nanos
-            .load(Ordering::Relaxed)
-            .saturating_add(t.waited_nanos.load(Ordering::Relaxed)),
-    ) + retry_waits;
-    let own = elapsed.saturating_sub(below);
+fn record_overhead(
+    span: &tracing::Span,
+    elapsed: Duration,
+    t: &Timings,
+    retry_waits: Duration,
+) -> StackTimings {
+    let upstream = Duration::from_nanos(t.upstream_nanos.load(Ordering::Relaxed));
+    let queued = Duration::from_nanos(t.waited_nanos.load(Ordering::Relaxed));
+    let own = elapsed.saturating_sub(upstream + queued + retry_waits);
     span.record(
         "claude.overhead_us",
         u64::try_from(own.as_micros()).unwrap_or(u64::MAX),
     );
     metrics::histogram!(OVERHEAD_SECONDS).record(own.as_secs_f64());
+    StackTimings {
+        upstream,
+        queued,
+        backoff: retry_waits,
+        overhead: own,
+    }
 }
 
 // ===== probes =====

@@ -91,6 +91,15 @@ impl Default for StackConfig {
     }
 }
 
+impl StackConfig {
+    /// The same configuration with another upstream base URL (a relay, a proxy, a mock).
+    #[must_use]
+    pub fn with_base_url(mut self, base_url: impl Into<String>) -> Self {
+        self.client.base_url = base_url.into();
+        self
+    }
+}
+
 /// The stack builder: holds the configuration and the state shared by every service it
 /// builds (the cost ledger), so two services built from one stack share budgets.
 #[derive(Debug, Clone)]

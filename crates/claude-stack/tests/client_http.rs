@@ -103,3 +103,38 @@ async fn connection_refused_is_a_classified_connection_error() {
     assert_eq!(class.kind, claude_core::ErrorKind::Connection);
     assert!(class.retryable);
 }
+
+#[tokio::test]
+async fn https_client_uses_its_own_crypto_provider_and_installs_none() {
+    // Building a TLS client must not need (or install) a process-wide rustls provider, so
+    // an application that enables a second provider elsewhere cannot make it panic.
+    let client = HttpClient::new(&ClientConfig {
+        base_url: "https://api.anthropic.com".into(),
+        ..ClientConfig::default()
+    });
+    assert!(client.is_ok());
+    assert!(rustls::crypto::CryptoProvider::get_default().is_none());
+}
+
+#[tokio::test]
+async fn claude_client_relays_through_the_whole_stack() {
+    let mock = claude_mock::MockServer::start().await.unwrap();
+    let config = claude_stack::StackConfig::default().with_base_url(mock.url());
+    let client = claude_stack::ClaudeClient::new(config).unwrap();
+    let req = Request::post("/v1/messages")
+        .header("x-mock-fault", "529,ok")
+        .header("x-mock-usage", "input=10,output=2")
+        .body(Bytes::from_static(
+            br#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .unwrap();
+    let resp = client.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.unwrap();
+    assert_eq!(mock.stats().requests, 2, "the 529 was retried");
+    let total = client.stack().cost_tracker().unwrap().total();
+    assert_eq!(
+        (total.requests, total.input_tokens, total.output_tokens),
+        (1, 10, 2)
+    );
+}
