@@ -148,8 +148,20 @@ impl Gateway {
         cfg.stack.client.base_url.clone_from(&cfg.upstream);
         let mut stack =
             claude_stack::ClaudeStack::new(cfg.stack.clone()).map_err(StartError::Stack)?;
+        // Readiness: with the default key ring, ready once it holds a key; with configured
+        // [stack.secrets], the rings fetch in the background and report through metrics.
+        let mut ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(|| true);
         if !cfg.stack.secrets.is_on() {
-            stack = stack.with_api_keys(default_api_keys(options.mock, options.use_env)?);
+            let ring = default_key_ring(options.mock, options.use_env)?;
+            // Fail fast: a gateway that cannot load its upstream key should not start.
+            ring.current().await.map_err(|e| {
+                StartError::Stack(claude_core::Error::new(
+                    claude_core::ErrorKind::SecretUnavailable,
+                    format!("cannot load the upstream API key: {e}"),
+                ))
+            })?;
+            stack = stack.with_api_keys(claude_secrets::ApiKeyLayer::new(ring.clone()));
+            ready = Arc::new(move || ring.status().key.is_some());
         }
         let upstream = stack.client().map_err(StartError::Stack)?;
         let cost = stack.cost_tracker().cloned();
@@ -166,7 +178,7 @@ impl Gateway {
             costs,
             counters: counters.clone(),
             body_limit: cfg.body_limit,
-            ready: Arc::new(|| true),
+            ready,
         };
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -239,31 +251,29 @@ impl Gateway {
     }
 }
 
-/// The upstream key when the configuration names no secret source: `ANTHROPIC_API_KEY`
-/// (re-read on every refresh, so rotating the variable's file-backed value works), or, in
-/// mock mode without it, a placeholder the mock accepts.
-fn default_api_keys(mock: bool, use_env: bool) -> Result<claude_secrets::ApiKeyLayer, StartError> {
+/// The upstream key ring when the configuration names no secret source: `ANTHROPIC_API_KEY`
+/// (re-read on every refresh), or, in mock mode without it, a placeholder the mock accepts.
+fn default_key_ring(mock: bool, use_env: bool) -> Result<claude_secrets::KeyRing, StartError> {
     use claude_secrets::{EnvSource, KeyRing, KeyRingConfig, StaticSource};
     let has_env = use_env && std::env::var_os("ANTHROPIC_API_KEY").is_some_and(|v| !v.is_empty());
-    let ring = if has_env {
-        KeyRing::new(
+    if has_env {
+        Ok(KeyRing::new(
             EnvSource::new("ANTHROPIC_API_KEY"),
             KeyRingConfig::default(),
-        )
+        ))
     } else if mock {
-        KeyRing::new(
+        Ok(KeyRing::new(
             StaticSource::new("sk-ant-mock-gateway"),
             KeyRingConfig::default(),
-        )
+        ))
     } else {
-        return Err(StartError::Config(ConfigError {
+        Err(StartError::Config(ConfigError {
             field: "stack.secrets".into(),
             message: "no upstream API key: set ANTHROPIC_API_KEY, or name a secret source in \
                       [stack.secrets] (env, file, vault, aws), or run with --mock"
                 .into(),
-        }));
-    };
-    Ok(claude_secrets::ApiKeyLayer::new(ring))
+        }))
+    }
 }
 
 /// The process-wide Prometheus recorder (metrics recorders are global: one per process,

@@ -102,6 +102,17 @@ async fn mock_mode_relays_json_and_sse_and_serves_health() {
 
     let (s, _, _) = send(&c, &gw, "GET", "/healthz", &[], "").await;
     assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = send(&c, &gw, "GET", "/readyz", &[], "").await;
+    assert_eq!(s, StatusCode::OK, "the upstream key is loaded");
+    let (s, _, m) = send(&c, &gw, "GET", "/metrics", &[], "").await;
+    assert_eq!(s, StatusCode::OK);
+    let m = String::from_utf8_lossy(&m);
+    assert!(m.contains("claude_stack_overhead_seconds"), "{m}");
+    assert!(m.contains("claude_cost_requests_total"), "{m}");
+    assert!(
+        !m.contains("sk-ant-mock-gateway"),
+        "no key in metric labels"
+    );
     let (s, _, b) = send(&c, &gw, "GET", "/nope", &[], "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
@@ -217,6 +228,14 @@ async fn refuses_public_listen_without_keys_and_names_bad_fields() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("conect_timeout"), "{err}");
+    // No upstream key anywhere and no mock: refused at start, naming where to put one.
+    let err = Gateway::start(Options {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Options::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("stack.secrets"), "{err}");
 }
 
 #[tokio::test]
