@@ -2,7 +2,7 @@
 //! plain hyper-util client.
 //!
 //! No other layer of the workspace is involved: [`FullBodyService`] adapts the hyper client
-//! to `Request<Bytes>`, and the [`CostLayer`] of a [`CostTracker`] with a $0.05 daily cap
+//! to `Request<Bytes>`, and the [`CostLayer`](claude_cost::CostLayer) of a [`CostTracker`] with a $0.05 daily cap
 //! wraps it. The requests go to an in-process `claude-mock` (no network, no API key) whose
 //! `x-mock-usage` header scripts the usage each answer reports. The third request does not
 //! fit what is left of the budget and is refused before it is sent; a cheaper fourth one
