@@ -100,6 +100,15 @@ async fn mock_mode_relays_json_and_sse_and_serves_health() {
     .await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
 
+    // Other /v1 endpoints are relayed as they are (the mock lists models, and answers the
+    // batches API it does not simulate with Anthropic's own 404 shape).
+    let (s, _, b) = send(&c, &gw, "GET", "/v1/models", &[], "").await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("\"data\""));
+    let (s, _, b) = send(&c, &gw, "GET", "/v1/messages/batches", &[], "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(String::from_utf8_lossy(&b).contains("not_found_error"));
+
     let (s, _, _) = send(&c, &gw, "GET", "/healthz", &[], "").await;
     assert_eq!(s, StatusCode::OK);
     let (s, _, _) = send(&c, &gw, "GET", "/readyz", &[], "").await;
@@ -119,9 +128,9 @@ async fn mock_mode_relays_json_and_sse_and_serves_health() {
     assert_eq!(v["error"]["type"], "not_found_error");
 
     let stats = gw.mock().unwrap().stats();
-    assert_eq!(stats.requests, 3, "only /v1 requests reach the upstream");
+    assert_eq!(stats.requests, 5, "only /v1 requests reach the upstream");
     let summary = gw.shutdown().await;
-    assert_eq!(summary.requests, 3);
+    assert_eq!(summary.requests, 5);
     assert!(summary.drained);
 }
 
