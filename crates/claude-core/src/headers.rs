@@ -116,15 +116,12 @@ pub struct LimitInfo {
 }
 
 impl LimitInfo {
-    fn read(headers: &HeaderMap, kind: &str) -> Self {
-        let get = |suffix: &str| {
-            let name = format!("anthropic-ratelimit-{kind}-{suffix}");
-            headers.get(name.as_str()).and_then(|v| v.to_str().ok())
-        };
+    fn read(headers: &HeaderMap, [limit, remaining, reset]: &[HeaderName; 3]) -> Self {
+        let get = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         Self {
-            limit: get("limit").and_then(|v| v.trim().parse().ok()),
-            remaining: get("remaining").and_then(|v| v.trim().parse().ok()),
-            reset: get("reset").and_then(parse_rfc3339),
+            limit: get(limit).and_then(|v| v.trim().parse().ok()),
+            remaining: get(remaining).and_then(|v| v.trim().parse().ok()),
+            reset: get(reset).and_then(parse_rfc3339),
         }
     }
 
@@ -133,6 +130,25 @@ impl LimitInfo {
         self.limit.is_some() || self.remaining.is_some() || self.reset.is_some()
     }
 }
+
+macro_rules! ratelimit_names {
+    ($kind:literal) => {
+        [
+            HeaderName::from_static(concat!("anthropic-ratelimit-", $kind, "-limit")),
+            HeaderName::from_static(concat!("anthropic-ratelimit-", $kind, "-remaining")),
+            HeaderName::from_static(concat!("anthropic-ratelimit-", $kind, "-reset")),
+        ]
+    };
+}
+
+/// `anthropic-ratelimit-requests-{limit,remaining,reset}`.
+pub const RATELIMIT_REQUESTS: [HeaderName; 3] = ratelimit_names!("requests");
+/// `anthropic-ratelimit-tokens-{limit,remaining,reset}`.
+pub const RATELIMIT_TOKENS: [HeaderName; 3] = ratelimit_names!("tokens");
+/// `anthropic-ratelimit-input-tokens-{limit,remaining,reset}`.
+pub const RATELIMIT_INPUT_TOKENS: [HeaderName; 3] = ratelimit_names!("input-tokens");
+/// `anthropic-ratelimit-output-tokens-{limit,remaining,reset}`.
+pub const RATELIMIT_OUTPUT_TOKENS: [HeaderName; 3] = ratelimit_names!("output-tokens");
 
 /// Every `anthropic-ratelimit-*` header of a response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -152,10 +168,10 @@ impl RateLimitHeaders {
     /// and some relays send none).
     pub fn from_headers(headers: &HeaderMap) -> Self {
         Self {
-            requests: LimitInfo::read(headers, "requests"),
-            tokens: LimitInfo::read(headers, "tokens"),
-            input_tokens: LimitInfo::read(headers, "input-tokens"),
-            output_tokens: LimitInfo::read(headers, "output-tokens"),
+            requests: LimitInfo::read(headers, &RATELIMIT_REQUESTS),
+            tokens: LimitInfo::read(headers, &RATELIMIT_TOKENS),
+            input_tokens: LimitInfo::read(headers, &RATELIMIT_INPUT_TOKENS),
+            output_tokens: LimitInfo::read(headers, &RATELIMIT_OUTPUT_TOKENS),
         }
     }
 
