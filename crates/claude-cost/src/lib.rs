@@ -67,6 +67,9 @@ pub mod layer;
 pub mod metrics;
 pub mod money;
 pub mod prices;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod report;
 mod tags;
 mod tracker;
@@ -82,3 +85,6 @@ pub use prices::{CostBreakdown, ModelPrice, PriceTable, PriceTableError, Rates};
 pub use report::{CostReport, Totals};
 pub use tags::CostTags;
 pub use tracker::{Clock, CostConfig, CostRecord, CostTracker, CostTrackerBuilder};
+
+#[cfg(feature = "redis")]
+pub use crate::redis::{FailurePolicy, RedisBudgets};
