@@ -131,6 +131,12 @@
 //! moka evicts by TinyLFU past the bound; as moka has no background threads, eviction runs
 //! during cache operations (or [`CacheHandle::run_pending_tasks`]).
 //!
+//! # Several instances
+//!
+//! With the `redis` feature, [`CacheLayer::redis`] adds a shared second level in Redis
+//! under the local cache, so an answer stored by one gateway is a hit on the others; a
+//! Redis failure is a miss, never an error (see the `redis` module).
+//!
 //! # Metrics
 //!
 //! Names are in [`metric_names`]; [`describe_metrics`] registers their descriptions.

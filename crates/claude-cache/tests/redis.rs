@@ -15,11 +15,11 @@ use claude_mock::redis_server::RedisServer;
 use common::*;
 
 fn layer(redis: &RedisServer) -> CacheLayer {
-    CacheLayer::default().redis(
-        RedisCache::open(&redis.url())
-            .unwrap()
-            .timeout(Duration::from_millis(200)),
-    )
+    layer_with(redis, Duration::from_millis(200))
+}
+
+fn layer_with(redis: &RedisServer, timeout: Duration) -> CacheLayer {
+    CacheLayer::default().redis(RedisCache::open(&redis.url()).unwrap().timeout(timeout))
 }
 
 /// The number of cache entries in Redis (read with a plain connection of the test's own).
@@ -50,8 +50,10 @@ async fn an_answer_cached_by_one_instance_is_a_hit_on_the_other() {
         return;
     };
     let mock = MockServer::start().await.unwrap();
-    let a = service(&layer(&redis));
-    let b = service(&layer(&redis));
+    // A generous timeout: on two loaded cores a slow GET is a miss, by design, and this
+    // test is about the hit.
+    let a = service(&layer_with(&redis, Duration::from_secs(2)));
+    let b = service(&layer_with(&redis, Duration::from_secs(2)));
 
     // JSON and stream answers, each stored by A and served by B.
     for (n, req) in [body("shared json"), stream_body("shared stream")]

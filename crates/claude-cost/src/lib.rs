@@ -23,6 +23,8 @@
 //! - [`BudgetConfig`] ([`budget`]): daily and monthly UTC caps, global and per tenant,
 //!   alerts at 50/80/100% through an [`AlertHandler`], refusal with `BudgetExceeded`.
 //! - [`metrics`](mod@metrics): counters of tokens, money, requests and savings.
+//! - `redis` (feature): budgets shared by several trackers through Redis, with atomic
+//!   admission and alerts that fire once across instances (`CostTrackerBuilder::redis`).
 //!
 //! # Example
 //!

@@ -158,8 +158,11 @@ async fn a_cap_reached_across_two_instances_refuses_on_both_and_each_alert_fires
     let cap = Usd::from_dollars(1);
     let budgets = BudgetConfig::new().global(Budget::new().daily(cap));
     let alerts = Alerts::default();
-    let (ta, a) = instance(&budgets, Some(shared(&redis)), &alerts);
-    let (tb, b) = instance(&budgets, Some(shared(&redis)), &alerts);
+    // A generous timeout: on two loaded cores a slow round trip would fail open to the
+    // local budget, by policy, and this test is about the shared one.
+    let patient = || shared(&redis).timeout(Duration::from_secs(2));
+    let (ta, a) = instance(&budgets, Some(patient()), &alerts);
+    let (tb, b) = instance(&budgets, Some(patient()), &alerts);
     let (worst, actual) = prices();
 
     // 2 × 100 concurrent requests, half on each instance.
