@@ -133,7 +133,7 @@
 //!
 //! # Several instances
 //!
-//! With the `redis` feature, [`CacheLayer::redis`] adds a shared second level in Redis
+//! With the `redis` feature, `CacheLayer::redis` adds a shared second level in Redis
 //! under the local cache, so an answer stored by one gateway is a hit on the others; a
 //! Redis failure is a miss, never an error (see the `redis` module).
 //!

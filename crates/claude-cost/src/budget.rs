@@ -52,7 +52,7 @@
 //!
 //! Budgets live in the process: a restart starts the windows at zero, and several gateway
 //! replicas each hold their own, unless they share them through Redis (feature `redis`,
-//! [`crate::redis`]: the same admission, reservations and alerts, atomic across instances).
+//! the `redis` module: the same admission, reservations and alerts, atomic across instances).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

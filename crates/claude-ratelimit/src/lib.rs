@@ -140,7 +140,7 @@
 //! 100,000 tenants holds the recently active ones only. [`RateLimitLayer::evict_idle`]
 //! sweeps everything at once.
 //!
-//! **Several instances** (feature `redis`): with [`RateLimitLayer::redis`], a locally
+//! **Several instances** (feature `redis`): with `RateLimitLayer::redis`, a locally
 //! admitted request must also obtain an atomic grant from buckets shared in Redis, so
 //! several gateways hold one limit together; see the `redis` module.
 //!
