@@ -342,14 +342,19 @@ impl CostTracker {
 
     /// A tracker from its configuration (reads the price file, if any).
     pub fn from_config(config: &CostConfig) -> Result<Self, PriceTableError> {
+        Ok(Self::builder_from_config(config)?.build())
+    }
+
+    /// A builder holding the configuration (reads the price file, if any), to refine
+    /// before [`build`](CostTrackerBuilder::build).
+    pub fn builder_from_config(config: &CostConfig) -> Result<CostTrackerBuilder, PriceTableError> {
         let mut prices = PriceTable::bundled();
         if let Some(path) = &config.prices_file {
             prices = prices.with_overrides(&PriceTable::from_file(path)?);
         }
         Ok(Self::builder()
             .prices(prices)
-            .budgets(config.budgets.clone())
-            .build())
+            .budgets(config.budgets.clone()))
     }
 
     /// A [`CostLayer`] recording into this tracker.

@@ -147,7 +147,7 @@ impl Gateway {
         };
         cfg.stack.client.base_url.clone_from(&cfg.upstream);
         let mut stack =
-            claude_stack::ClaudeStack::new(cfg.stack.clone()).map_err(StartError::Stack)?;
+            claude_stack::ClaudeStack::new(cfg.stack_config()).map_err(StartError::Stack)?;
         if !cfg.stack.secrets.is_on() {
             stack = stack.with_api_keys(default_api_keys(options.mock, options.use_env)?);
         }

@@ -29,10 +29,12 @@
 
 mod client;
 mod observe;
+pub mod shared;
 mod stack;
 mod toggle;
 
 pub use client::{ClientConfig, HttpClient, TimeoutBody};
 pub use observe::OVERHEAD_SECONDS;
+pub use shared::{RedisOnFailure, RedisUrl};
 pub use stack::{ClaudeStack, StackBody, StackConfig, StackService};
 pub use toggle::Toggle;
