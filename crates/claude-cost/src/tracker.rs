@@ -565,6 +565,18 @@ impl CostTracker {
         use crate::redis::{FailurePolicy, Hold};
 
         let windows = self.shared_windows(shared, &tenant, now);
+        if windows.is_empty() {
+            // No cap applies to this tenant: nothing to ask Redis.
+            return Ok(Reservation {
+                inner: None,
+                tenant,
+                amount: 0,
+                hold: Some(Hold {
+                    redis: shared.clone(),
+                    keys: Vec::new(),
+                }),
+            });
+        }
         let keys: Vec<_> = windows.iter().map(|w| w.2.clone()).collect();
         match shared.admit(&keys, worst).await {
             Some(Ok(())) => Ok(Reservation {
@@ -669,6 +681,9 @@ impl CostTracker {
         };
         self.after_commit(rec);
         let windows = self.shared_windows(&hold.redis, &rec.tenant, now);
+        if windows.is_empty() && (reserved == 0 || hold.keys.is_empty()) {
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             self.fire(&local_alerts);
             return;

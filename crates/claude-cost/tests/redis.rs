@@ -298,3 +298,23 @@ async fn redis_down_follows_the_policy_and_the_shared_budget_returns_with_it() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_without_caps_costs_no_round_trip_and_leaves_no_key() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mock = MockServer::start().await.unwrap();
+    let budgets = BudgetConfig::new().tenant("acme", Budget::new().daily(Usd::from_dollars(1)));
+    let alerts = Alerts::default();
+    let (tracker, svc) = instance(&budgets, Some(shared(&redis)), &alerts);
+    assert_eq!(send(&svc, &mock, "other").await, Ok(200));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+    assert_eq!(tracker.total().requests, 1);
+}

@@ -26,7 +26,13 @@
 //!   reservation and the usage, by the same rules as locally, on a task of its own.
 //!
 //! The local buckets keep the same limits: an instance never exceeds the limits alone, and
-//! they are the fallback. Server figures (`anthropic-ratelimit-*` headers, a 429's pause)
+//! they are the fallback. A request waiting for its grant holds its local admission (and
+//! its concurrency slot, with `max_concurrent_requests`) meanwhile.
+//!
+//! Scope: the buckets are those of the request's key under
+//! [`KeyScope`](crate::KeyScope), as locally (one key per request: tenant and model family
+//! by default). The script takes any number of buckets, so a request could be checked
+//! against several scopes at once, but the layer has one scope, as the local limiter. Server figures (`anthropic-ratelimit-*` headers, a 429's pause)
 //! correct the local buckets only.
 //!
 //! # When Redis is unreachable
