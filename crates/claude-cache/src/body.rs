@@ -245,9 +245,13 @@ impl Tee {
             if let Some(guard) = &pending.guard {
                 guard.publish(entry.clone());
             }
-            pending.shared.insert(pending.key, entry).await;
+            pending.shared.insert(pending.key, entry.clone()).await;
+            #[cfg(feature = "redis")]
+            let (shared, key) = (pending.shared.clone(), pending.key);
             // The guard leaves the in-flight map only now that the entry is in the cache.
             drop(pending);
+            #[cfg(feature = "redis")]
+            shared.write_through(&key, &entry).await;
         });
     }
 }

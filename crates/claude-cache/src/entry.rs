@@ -77,14 +77,7 @@ impl Entry {
             buf.extend_from_slice(f);
             ends.push(u32::try_from(buf.len()).unwrap_or(u32::MAX));
         }
-        let header_bytes: usize = head
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len())
-            .sum();
-        let weight = total
-            .saturating_add(header_bytes)
-            .saturating_add(ends.len() * 4);
+        let weight = weight(total, &head.headers, ends.len());
         let model = report.model.as_deref().map(Arc::<str>::from).or(head.model);
         Self {
             status: head.status,
@@ -95,7 +88,34 @@ impl Entry {
             model,
             stored_at: Instant::now(),
             lifetime: head.lifetime,
-            weight: u32::try_from(weight).unwrap_or(u32::MAX),
+            weight,
+        }
+    }
+
+    /// An entry read back from a second level (its body already in one buffer).
+    #[cfg(feature = "redis")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn restored(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        frame_ends: Box<[u32]>,
+        report: UsageReport,
+        model: Option<Arc<str>>,
+        stored_at: Instant,
+        lifetime: Duration,
+    ) -> Self {
+        let weight = weight(body.len(), &headers, frame_ends.len());
+        Self {
+            status,
+            headers,
+            body,
+            frame_ends,
+            report,
+            model,
+            stored_at,
+            lifetime,
+            weight,
         }
     }
 
@@ -118,6 +138,16 @@ impl Entry {
     pub(crate) fn frames(&self) -> usize {
         self.frame_ends.len()
     }
+}
+
+/// Body bytes + replayed header bytes + 4 per frame, saturated to `u32`.
+fn weight(body: usize, headers: &HeaderMap, frames: usize) -> u32 {
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    let w = body.saturating_add(header_bytes).saturating_add(frames * 4);
+    u32::try_from(w).unwrap_or(u32::MAX)
 }
 
 /// Per-entry lifetimes for moka: the lifetime chosen when the answer was stored (the

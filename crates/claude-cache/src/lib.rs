@@ -131,6 +131,12 @@
 //! moka evicts by TinyLFU past the bound; as moka has no background threads, eviction runs
 //! during cache operations (or [`CacheHandle::run_pending_tasks`]).
 //!
+//! # Several instances
+//!
+//! With the `redis` feature, `CacheLayer::redis` adds a shared second level in Redis
+//! under the local cache, so an answer stored by one gateway is a hit on the others; a
+//! Redis failure is a miss, never an error (see the `redis` module).
+//!
 //! # Metrics
 //!
 //! Names are in [`metric_names`]; [`describe_metrics`] registers their descriptions.
@@ -144,6 +150,9 @@
 //! | `claude_cache_not_stored_total` | counter | `reason`: `status`, `encoding`, `too_large`, `zero_lifetime`, `incomplete`, `no_runtime` |
 //! | `claude_cache_evictions_total` | counter | `cause`: `size`, `expired` |
 //! | `claude_cache_bytes` | gauge | |
+//! | `claude_cache_redis_hits_total` | counter | (feature `redis`) |
+//! | `claude_cache_redis_stored_total` | counter | (feature `redis`) |
+//! | `claude_cache_redis_errors_total` | counter | `op`: `get`, `set`, `decode` (feature `redis`) |
 //!
 //! [`UsageReport::is_complete_success`]: claude_core::UsageReport::is_complete_success
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -155,6 +164,9 @@ mod entry;
 mod flight;
 pub mod future;
 pub mod key;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod service;
 mod store;
 
@@ -162,6 +174,9 @@ pub use body::ResponseBody;
 pub use config::{CacheConfig, CacheScope, MAX_TTL};
 pub use service::{BypassReason, Cache, CacheLayer, CacheStatus};
 pub use store::CacheHandle;
+
+#[cfg(feature = "redis")]
+pub use crate::redis::RedisCache;
 
 /// The names of the metrics this crate records (see the [crate docs](crate#metrics)).
 pub mod metric_names {
@@ -179,6 +194,13 @@ pub mod metric_names {
     pub const EVICTIONS: &str = "claude_cache_evictions_total";
     /// Gauge: bytes held by stored entries.
     pub const BYTES: &str = "claude_cache_bytes";
+    /// Counter: local misses answered from the Redis second level (feature `redis`).
+    pub const REDIS_HITS: &str = "claude_cache_redis_hits_total";
+    /// Counter: answers written to the Redis second level (feature `redis`).
+    pub const REDIS_STORED: &str = "claude_cache_redis_stored_total";
+    /// Counter, label `op` (`get`, `set`, `decode`): failed Redis calls, passed through
+    /// (feature `redis`).
+    pub const REDIS_ERRORS: &str = "claude_cache_redis_errors_total";
 }
 
 /// Registers the descriptions of this crate's metrics with the installed recorder.
@@ -207,6 +229,18 @@ pub fn describe_metrics() {
     describe_counter!(
         metric_names::EVICTIONS,
         "Entries evicted from the response cache, by cause."
+    );
+    describe_counter!(
+        metric_names::REDIS_HITS,
+        "Local cache misses answered from the Redis second level."
+    );
+    describe_counter!(
+        metric_names::REDIS_STORED,
+        "Answers written to the Redis second level."
+    );
+    describe_counter!(
+        metric_names::REDIS_ERRORS,
+        "Failed calls to the Redis second level (passed through), by operation."
     );
     describe_gauge!(
         metric_names::BYTES,

@@ -85,6 +85,8 @@ impl BypassReason {
 pub struct CacheLayer {
     config: CacheConfig,
     shared: Arc<OnceLock<Arc<Shared>>>,
+    #[cfg(feature = "redis")]
+    l2: Option<crate::redis::RedisCache>,
 }
 
 impl fmt::Debug for CacheLayer {
@@ -107,7 +109,19 @@ impl CacheLayer {
         Self {
             config,
             shared: Arc::new(OnceLock::new()),
+            #[cfg(feature = "redis")]
+            l2: None,
         }
+    }
+
+    /// Adds a shared second level in Redis under the local cache (feature `redis`; see the
+    /// [`redis`](crate::redis) module). Like every setter, gives the layer a fresh cache.
+    #[cfg(feature = "redis")]
+    #[must_use]
+    pub fn redis(mut self, l2: crate::redis::RedisCache) -> Self {
+        self.l2 = Some(l2);
+        self.shared = Arc::new(OnceLock::new());
+        self
     }
 
     fn with(mut self, f: impl FnOnce(&mut CacheConfig)) -> Self {
@@ -158,7 +172,13 @@ impl CacheLayer {
 
     fn shared(&self) -> Arc<Shared> {
         self.shared
-            .get_or_init(|| Arc::new(Shared::new(self.config.clone())))
+            .get_or_init(|| {
+                Arc::new(Shared::build(
+                    self.config.clone(),
+                    #[cfg(feature = "redis")]
+                    self.l2.clone(),
+                ))
+            })
             .clone()
     }
 

@@ -19,6 +19,9 @@ pub(crate) struct Shared {
     pub(crate) cache: moka::future::Cache<CacheKey, Arc<Entry>>,
     pub(crate) flights: Arc<Flights>,
     held: Arc<AtomicU64>,
+    /// The shared second level, if any.
+    #[cfg(feature = "redis")]
+    pub(crate) l2: Option<crate::redis::RedisCache>,
 }
 
 impl fmt::Debug for Shared {
@@ -28,7 +31,7 @@ impl fmt::Debug for Shared {
             .field("entries", &self.cache.entry_count())
             .field("bytes", &self.held.load(Ordering::Relaxed))
             .field("in_flight", &self.flights.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -44,7 +47,10 @@ pub(crate) enum Lookup {
 }
 
 impl Shared {
-    pub(crate) fn new(config: CacheConfig) -> Self {
+    pub(crate) fn build(
+        config: CacheConfig,
+        #[cfg(feature = "redis")] l2: Option<crate::redis::RedisCache>,
+    ) -> Self {
         let held = Arc::new(AtomicU64::new(0));
         let listener_held = held.clone();
         let cache = moka::future::Cache::builder()
@@ -67,6 +73,8 @@ impl Shared {
             cache,
             flights: Arc::new(Flights::default()),
             held,
+            #[cfg(feature = "redis")]
+            l2,
         }
     }
 
@@ -116,6 +124,11 @@ impl Shared {
                     guard.publish(e.clone());
                     return Lookup::Hit(e);
                 }
+                #[cfg(feature = "redis")]
+                if let Some(e) = self.second_level(&key, max_age).await {
+                    guard.publish(e.clone());
+                    return Lookup::Hit(e);
+                }
                 Lookup::Lead(guard)
             }
         }
@@ -128,6 +141,26 @@ impl Shared {
         metrics::gauge!(metric_names::BYTES).increment(f64::from(entry.weight));
         metrics::counter!(metric_names::STORED).increment(1);
         self.cache.insert(key, entry).await;
+    }
+
+    /// A fresh answer from the second level, inserted locally (never written back).
+    #[cfg(feature = "redis")]
+    async fn second_level(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<Arc<Entry>> {
+        let l2 = self.l2.as_ref()?;
+        let e = Arc::new(l2.get(key, self.config.max_entry_bytes).await?);
+        if !is_fresh(&e, max_age) {
+            return None;
+        }
+        self.insert(*key, e.clone()).await;
+        Some(e)
+    }
+
+    /// Writes a locally stored answer to the second level, if there is one.
+    #[cfg(feature = "redis")]
+    pub(crate) async fn write_through(&self, key: &CacheKey, entry: &Entry) {
+        if let Some(l2) = &self.l2 {
+            l2.set(key, entry).await;
+        }
     }
 
     pub(crate) fn bytes(&self) -> u64 {

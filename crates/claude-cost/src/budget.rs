@@ -51,7 +51,8 @@
 //! released, on the task that settled the request: keep it short.
 //!
 //! Budgets live in the process: a restart starts the windows at zero, and several gateway
-//! replicas each hold their own.
+//! replicas each hold their own, unless they share them through Redis (feature `redis`,
+//! the `redis` module: the same admission, reservations and alerts, atomic across instances).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -393,7 +394,19 @@ impl Now {
         }
     }
 
-    fn label(self, w: BudgetWindow) -> String {
+    /// When the shared state of the window `w` of `self` may be dropped, in Unix
+    /// milliseconds: a day after a daily window ends; 33 days after today for a monthly one
+    /// (past the end of any month).
+    #[cfg(feature = "redis")]
+    pub(crate) fn expire_at_ms(self, w: BudgetWindow) -> i64 {
+        let days = match w {
+            BudgetWindow::Daily => 2,
+            BudgetWindow::Monthly => 33,
+        };
+        self.day.0.saturating_add(days).saturating_mul(86_400_000)
+    }
+
+    pub(crate) fn label(self, w: BudgetWindow) -> String {
         match w {
             BudgetWindow::Daily => self.day.to_string(),
             BudgetWindow::Monthly => self.day.month().to_string(),
@@ -427,7 +440,7 @@ impl Meter {
         }
     }
 
-    fn alert(&self, now: Now, kind: AlertKind) -> BudgetAlert {
+    pub(crate) fn alert(&self, now: Now, kind: AlertKind) -> BudgetAlert {
         BudgetAlert {
             scope: self.scope.clone(),
             window: self.window,
@@ -465,6 +478,40 @@ pub(crate) struct Refusal {
     pub(crate) alert: Option<BudgetAlert>,
     pub(crate) scope: BudgetScope,
     pub(crate) window: BudgetWindow,
+}
+
+impl Refusal {
+    /// A refusal by the `window` budget of `scope` in `period` (its label), where `used`
+    /// (spent + reserved) of `limit` is taken and the request may cost `worst`.
+    pub(crate) fn new(
+        scope: BudgetScope,
+        window: BudgetWindow,
+        period: &str,
+        limit: u64,
+        used: u64,
+        worst: u64,
+        alert: Option<BudgetAlert>,
+    ) -> Self {
+        let message = match &scope {
+            BudgetScope::Global => format!(
+                "budget exceeded: the {window} budget of this service for {period} cannot \
+                 cover this request"
+            ),
+            BudgetScope::Tenant(t) => format!(
+                "budget exceeded: the {window} budget of tenant `{t}` for {period} ({}) \
+                 cannot cover this request (it may cost up to {}; {} is left)",
+                Usd::from_nanos(limit),
+                Usd::from_nanos(worst),
+                Usd::from_nanos(limit.saturating_sub(used)),
+            ),
+        };
+        Self {
+            message,
+            alert,
+            scope,
+            window,
+        }
+    }
 }
 
 impl Budgets {
@@ -523,30 +570,15 @@ impl Budgets {
                         m.refused_alerted = true;
                         m.alert(now, AlertKind::Refused)
                     });
-                    let period = now.label(m.window);
-                    let message = match &m.scope {
-                        BudgetScope::Global => format!(
-                            "budget exceeded: the {} budget of this service for {period} cannot \
-                             cover this request",
-                            m.window
-                        ),
-                        BudgetScope::Tenant(t) => format!(
-                            "budget exceeded: the {} budget of tenant `{t}` for {period} ({}) \
-                             cannot cover this request (it may cost up to {}; {} is left)",
-                            m.window,
-                            Usd::from_nanos(m.limit),
-                            Usd::from_nanos(worst),
-                            Usd::from_nanos(
-                                m.limit.saturating_sub(m.spent.saturating_add(m.reserved))
-                            ),
-                        ),
-                    };
-                    refusal = Some(Refusal {
-                        message,
+                    refusal = Some(Refusal::new(
+                        m.scope.clone(),
+                        m.window,
+                        &now.label(m.window),
+                        m.limit,
+                        m.spent.saturating_add(m.reserved),
+                        worst,
                         alert,
-                        scope: m.scope.clone(),
-                        window: m.window,
-                    });
+                    ));
                 }
             }
         }
@@ -560,6 +592,21 @@ impl Budgets {
             m.reserved = m.reserved.saturating_add(worst);
         }
         Ok(worst)
+    }
+
+    /// The windows that apply to `tenant` (scope, window, limit in nano-dollars), in the
+    /// order [`admit`](Self::admit) checks them.
+    #[cfg(feature = "redis")]
+    pub(crate) fn windows(&mut self, tenant: &Tenant) -> Vec<(BudgetScope, BudgetWindow, u64)> {
+        self.meters(tenant)
+            .map(|m| (m.scope.clone(), m.window, m.limit))
+            .collect()
+    }
+
+    /// The alert thresholds in force (percent, sorted, deduplicated).
+    #[cfg(feature = "redis")]
+    pub(crate) fn thresholds(&self) -> &[u32] {
+        &self.thresholds
     }
 
     /// Gives back a reservation that will not be spent.

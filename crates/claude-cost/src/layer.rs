@@ -57,7 +57,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::tags::CostTags;
-use crate::tracker::{CostTracker, RequestInfo, Reservation};
+use crate::tracker::{Admission, CostTracker, RequestInfo, Reservation};
 
 /// The response body of [`Cost`]: the body, scanned once for usage.
 pub type ResponseBody<B> = UsageBody<B>;
@@ -171,9 +171,9 @@ where
         };
         match self
             .tracker
-            .admit(&info, meta.input_tokens_estimate, meta.max_tokens)
+            .admission(&info, meta.input_tokens_estimate, meta.max_tokens)
         {
-            Ok(reservation) => ResponseFuture::called(
+            Admission::Ready(Ok(reservation)) => ResponseFuture::called(
                 self.inner.call(req),
                 Some(Pending {
                     tracker: self.tracker.clone(),
@@ -181,9 +181,72 @@ where
                     reservation,
                 }),
             ),
-            Err(error) => ResponseFuture {
+            Admission::Ready(Err(error)) => ResponseFuture {
                 state: State::Refused { error: Some(error) },
             },
+            #[cfg(feature = "redis")]
+            Admission::Shared(admit) => ResponseFuture {
+                state: State::Called {
+                    future: self.inner.call(req),
+                    pending: None,
+                    admitting: Some(Admitting {
+                        admit,
+                        tracker: self.tracker.clone(),
+                        info,
+                    }),
+                },
+            },
+        }
+    }
+}
+
+/// A request waiting for the shared budgets to admit it (feature `redis`).
+#[cfg(feature = "redis")]
+struct Admitting {
+    admit: std::pin::Pin<Box<dyn Future<Output = Result<Reservation, Error>> + Send>>,
+    tracker: CostTracker,
+    info: RequestInfo,
+}
+
+/// Never built without the `redis` feature.
+#[cfg(not(feature = "redis"))]
+struct Admitting(std::convert::Infallible);
+
+impl Admitting {
+    /// Drives the admission in `slot`, if any, to its end: on success the reservation goes
+    /// to `pending`.
+    #[cfg(feature = "redis")]
+    fn poll(
+        slot: &mut Option<Self>,
+        pending: &mut Option<Pending>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        let Some(a) = slot else {
+            return Poll::Ready(Ok(()));
+        };
+        let admitted = ready!(a.admit.as_mut().poll(cx));
+        let Some(a) = slot.take() else {
+            return Poll::Ready(Ok(()));
+        };
+        let reservation = admitted?;
+        *pending = Some(Pending {
+            tracker: a.tracker,
+            info: a.info,
+            reservation,
+        });
+        Poll::Ready(Ok(()))
+    }
+
+    #[cfg(not(feature = "redis"))]
+    #[allow(clippy::unnecessary_wraps)]
+    fn poll(
+        slot: &mut Option<Self>,
+        _: &mut Option<Pending>,
+        _: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        match slot {
+            Some(a) => match a.0 {},
+            None => Poll::Ready(Ok(())),
         }
     }
 }
@@ -211,6 +274,8 @@ pin_project! {
             #[pin]
             future: F,
             pending: Option<Pending>,
+            // The shared admission, awaited before `future` is first polled.
+            admitting: Option<Admitting>,
         },
     }
 }
@@ -218,7 +283,11 @@ pin_project! {
 impl<F> ResponseFuture<F> {
     fn called(future: F, pending: Option<Pending>) -> Self {
         Self {
-            state: State::Called { future, pending },
+            state: State::Called {
+                future,
+                pending,
+                admitting: None,
+            },
         }
     }
 }
@@ -247,7 +316,14 @@ where
                     )
                 }))))
             }
-            StateProj::Called { future, pending } => {
+            StateProj::Called {
+                future,
+                pending,
+                admitting,
+            } => {
+                if let Err(error) = ready!(Admitting::poll(admitting, pending, cx)) {
+                    return Poll::Ready(Err(Box::new(error)));
+                }
                 let result = ready!(future.poll(cx));
                 let response = match result {
                     Ok(r) => r,

@@ -23,6 +23,8 @@
 //! - [`BudgetConfig`] ([`budget`]): daily and monthly UTC caps, global and per tenant,
 //!   alerts at 50/80/100% through an [`AlertHandler`], refusal with `BudgetExceeded`.
 //! - [`metrics`](mod@metrics): counters of tokens, money, requests and savings.
+//! - `redis` (feature): budgets shared by several trackers through Redis, with atomic
+//!   admission and alerts that fire once across instances (`CostTrackerBuilder::redis`).
 //!
 //! # Example
 //!
@@ -67,6 +69,9 @@ pub mod layer;
 pub mod metrics;
 pub mod money;
 pub mod prices;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod report;
 mod tags;
 mod tracker;
@@ -82,3 +87,6 @@ pub use prices::{CostBreakdown, ModelPrice, PriceTable, PriceTableError, Rates};
 pub use report::{CostReport, Totals};
 pub use tags::CostTags;
 pub use tracker::{Clock, CostConfig, CostRecord, CostTracker, CostTrackerBuilder};
+
+#[cfg(feature = "redis")]
+pub use crate::redis::{FailurePolicy, RedisBudgets};

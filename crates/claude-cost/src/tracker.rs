@@ -122,6 +122,9 @@ struct Inner {
     reject_unknown: bool,
     state: Mutex<State>,
     warned: Mutex<HashSet<Arc<str>>>,
+    /// Budgets shared through Redis, if any.
+    #[cfg(feature = "redis")]
+    shared: Option<crate::redis::RedisBudgets>,
 }
 
 struct State {
@@ -152,6 +155,8 @@ pub struct CostTrackerBuilder {
     alerts: Arc<dyn AlertHandler>,
     clock: Clock,
     on_record: Option<RecordHook>,
+    #[cfg(feature = "redis")]
+    shared: Option<crate::redis::RedisBudgets>,
 }
 
 impl fmt::Debug for CostTrackerBuilder {
@@ -194,6 +199,14 @@ impl CostTrackerBuilder {
         self
     }
 
+    /// Shares the budgets with every tracker on the same Redis (feature `redis`; see the
+    /// [`redis`](crate::redis) module). Without budgets it changes nothing.
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, budgets: crate::redis::RedisBudgets) -> Self {
+        self.shared = Some(budgets);
+        self
+    }
+
     /// The tracker.
     pub fn build(self) -> CostTracker {
         let has_budgets = self.budgets.has_caps();
@@ -213,9 +226,20 @@ impl CostTrackerBuilder {
                     budgets: Budgets::new(self.budgets),
                 }),
                 warned: Mutex::new(HashSet::new()),
+                #[cfg(feature = "redis")]
+                shared: self.shared.filter(|_| has_budgets),
             }),
         }
     }
+}
+
+/// The outcome of [`CostTracker::admit`]: decided at once, or after a round trip to the
+/// shared budgets.
+#[allow(clippy::large_enum_variant)] // short-lived, and boxing would cost every request
+pub(crate) enum Admission {
+    Ready(Result<Reservation, Error>),
+    #[cfg(feature = "redis")]
+    Shared(std::pin::Pin<Box<dyn Future<Output = Result<Reservation, Error>> + Send>>),
 }
 
 /// What the layer knows about a request before it is sent.
@@ -232,6 +256,9 @@ pub(crate) struct Reservation {
     inner: Option<Arc<Inner>>,
     tenant: Tenant,
     amount: u64,
+    /// Admitted by the shared budgets: settled (or released) in Redis.
+    #[cfg(feature = "redis")]
+    hold: Option<crate::redis::Hold>,
 }
 
 impl Reservation {
@@ -240,6 +267,8 @@ impl Reservation {
             inner: None,
             tenant,
             amount: 0,
+            #[cfg(feature = "redis")]
+            hold: None,
         }
     }
 
@@ -254,6 +283,15 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.take() {
             inner.lock().budgets.release(&self.tenant, self.amount);
+        }
+        #[cfg(feature = "redis")]
+        if let Some(hold) = self.hold.take()
+            && self.amount > 0
+            && !hold.keys.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let amount = self.amount;
+            rt.spawn(async move { hold.redis.release(&hold.keys, amount).await });
         }
     }
 }
@@ -297,19 +335,26 @@ impl CostTracker {
             alerts: Arc::new(LogAlerts),
             clock: Arc::new(SystemTime::now),
             on_record: None,
+            #[cfg(feature = "redis")]
+            shared: None,
         }
     }
 
     /// A tracker from its configuration (reads the price file, if any).
     pub fn from_config(config: &CostConfig) -> Result<Self, PriceTableError> {
+        Ok(Self::builder_from_config(config)?.build())
+    }
+
+    /// A builder holding the configuration (reads the price file, if any), to refine
+    /// before [`build`](CostTrackerBuilder::build).
+    pub fn builder_from_config(config: &CostConfig) -> Result<CostTrackerBuilder, PriceTableError> {
         let mut prices = PriceTable::bundled();
         if let Some(path) = &config.prices_file {
             prices = prices.with_overrides(&PriceTable::from_file(path)?);
         }
         Ok(Self::builder()
             .prices(prices)
-            .budgets(config.budgets.clone())
-            .build())
+            .budgets(config.budgets.clone()))
     }
 
     /// A [`CostLayer`] recording into this tracker.
@@ -385,16 +430,44 @@ impl CostTracker {
         }
     }
 
-    /// Checks the budgets and reserves the worst case of a request about to be sent.
+    /// [`admission`](Self::admission) of the local budgets, decided at once.
+    #[cfg(test)]
     pub(crate) fn admit(
         &self,
         info: &RequestInfo,
         input_estimate: u64,
         max_tokens: Option<u32>,
     ) -> Result<Reservation, Error> {
+        match self.admission(info, input_estimate, max_tokens) {
+            Admission::Ready(r) => r,
+            #[cfg(feature = "redis")]
+            Admission::Shared(_) => panic!("shared admission in a local test"),
+        }
+    }
+
+    /// Checks the budgets and reserves the worst case of a request about to be sent: at
+    /// once from the local budgets, or through Redis when the budgets are shared.
+    pub(crate) fn admission(
+        &self,
+        info: &RequestInfo,
+        input_estimate: u64,
+        max_tokens: Option<u32>,
+    ) -> Admission {
         let inner = &self.inner;
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &inner.shared
+            && !inner.enforcing
+        {
+            // Nothing to check, but the spend is settled in the shared windows.
+            let mut r = Reservation::none(info.tenant.clone());
+            r.hold = Some(crate::redis::Hold {
+                redis: shared.clone(),
+                keys: Vec::new(),
+            });
+            return Admission::Ready(Ok(r));
+        }
         if !inner.enforcing {
-            return Ok(Reservation::none(info.tenant.clone()));
+            return Admission::Ready(Ok(Reservation::none(info.tenant.clone())));
         }
         let price = info.model.as_deref().and_then(|m| inner.prices.get(m));
         let worst = match price {
@@ -407,30 +480,139 @@ impl CostTracker {
                 .nanos(),
             None if inner.reject_unknown => {
                 let model = info.model.as_deref().map_or("(none)", |m| m);
-                return Err(Error::budget_exceeded(format!(
+                return Admission::Ready(Err(Error::budget_exceeded(format!(
                     "budget exceeded: model `{}` has no price, and this service refuses \
                      requests it cannot count against its budgets",
                     label(model)
-                )));
+                ))));
             }
             None => 0,
         };
         let now = Now::at((inner.clock)());
-        let admitted = inner.lock().budgets.admit(&info.tenant, worst, now);
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &inner.shared {
+            let tracker = self.clone();
+            let shared = shared.clone();
+            let tenant = info.tenant.clone();
+            return Admission::Shared(Box::pin(async move {
+                tracker.admit_shared(&shared, tenant, worst, now).await
+            }));
+        }
+        Admission::Ready(self.admit_local(&info.tenant, worst, now))
+    }
+
+    /// Admission by the local budgets.
+    fn admit_local(&self, tenant: &Tenant, worst: u64, now: Now) -> Result<Reservation, Error> {
+        let inner = &self.inner;
+        let admitted = inner.lock().budgets.admit(tenant, worst, now);
         match admitted {
             Ok(amount) => Ok(Reservation {
                 inner: (amount > 0).then(|| inner.clone()),
-                tenant: info.tenant.clone(),
+                tenant: tenant.clone(),
                 amount,
+                #[cfg(feature = "redis")]
+                hold: None,
             }),
-            Err(refusal) => {
-                metrics::rejection(&refusal.scope, refusal.window);
-                if let Some(a) = refusal.alert {
-                    metrics::alert(&a);
-                    inner.alerts.on_alert(&a);
-                }
-                Err(Error::budget_exceeded(refusal.message))
+            Err(refusal) => Err(self.refused(refusal)),
+        }
+    }
+
+    fn refused(&self, refusal: crate::budget::Refusal) -> Error {
+        metrics::rejection(&refusal.scope, refusal.window);
+        if let Some(a) = refusal.alert {
+            metrics::alert(&a);
+            self.inner.alerts.on_alert(&a);
+        }
+        Error::budget_exceeded(refusal.message)
+    }
+
+    /// The windows of `tenant` as the scripts see them, at `now`.
+    #[cfg(feature = "redis")]
+    fn shared_windows(
+        &self,
+        shared: &crate::redis::RedisBudgets,
+        tenant: &Tenant,
+        now: Now,
+    ) -> Vec<(
+        crate::budget::BudgetScope,
+        crate::budget::BudgetWindow,
+        crate::redis::WindowKey,
+    )> {
+        let windows = self.inner.lock().budgets.windows(tenant);
+        windows
+            .into_iter()
+            .map(|(scope, window, limit)| {
+                let key = crate::redis::WindowKey {
+                    key: shared.key(&scope, window, &now.label(window)),
+                    limit,
+                    expire_at_ms: now.expire_at_ms(window),
+                };
+                (scope, window, key)
+            })
+            .collect()
+    }
+
+    /// Admission by the shared budgets, falling back as the policy says.
+    #[cfg(feature = "redis")]
+    async fn admit_shared(
+        &self,
+        shared: &crate::redis::RedisBudgets,
+        tenant: Tenant,
+        worst: u64,
+        now: Now,
+    ) -> Result<Reservation, Error> {
+        use crate::budget::{AlertKind, BudgetAlert, Refusal};
+        use crate::redis::{FailurePolicy, Hold};
+
+        let windows = self.shared_windows(shared, &tenant, now);
+        if windows.is_empty() {
+            // No cap applies to this tenant: nothing to ask Redis.
+            return Ok(Reservation {
+                inner: None,
+                tenant,
+                amount: 0,
+                hold: Some(Hold {
+                    redis: shared.clone(),
+                    keys: Vec::new(),
+                }),
+            });
+        }
+        let keys: Vec<_> = windows.iter().map(|w| w.2.clone()).collect();
+        match shared.admit(&keys, worst).await {
+            Some(Ok(())) => Ok(Reservation {
+                inner: None,
+                tenant,
+                amount: worst,
+                hold: Some(Hold {
+                    redis: shared.clone(),
+                    keys: keys.into_iter().map(|k| k.key).collect(),
+                }),
+            }),
+            Some(Err(r)) => {
+                let Some((scope, window, key)) = windows.into_iter().nth(r.index) else {
+                    return Err(Error::budget_exceeded("budget exceeded"));
+                };
+                let period = now.label(window);
+                let alert = r.first.then(|| BudgetAlert {
+                    scope: scope.clone(),
+                    window,
+                    period: period.clone(),
+                    kind: AlertKind::Refused,
+                    limit: Usd::from_nanos(key.limit),
+                    spent: Usd::from_nanos(r.spent),
+                });
+                let used = r.spent.saturating_add(r.reserved);
+                Err(self.refused(Refusal::new(
+                    scope, window, &period, key.limit, used, worst, alert,
+                )))
             }
+            None => match shared.failure_policy() {
+                FailurePolicy::FailOpen => self.admit_local(&tenant, worst, now),
+                FailurePolicy::FailClosed => Err(Error::budget_exceeded(
+                    "budget exceeded: the shared budget store is unreachable, and this \
+                     service refuses requests it cannot count (fail closed)",
+                )),
+            },
         }
     }
 
@@ -447,7 +629,7 @@ impl CostTracker {
             complete: report.end == BodyEnd::Ended && report.completed,
             tags: info.tags,
         };
-        self.commit(&rec, reservation.take());
+        self.settle_with(&rec, reservation);
     }
 
     /// Records an answer of the response cache: nothing spent, its cost saved.
@@ -463,7 +645,94 @@ impl CostTracker {
             complete: true,
             tags: info.tags,
         };
-        self.commit(&rec, reservation.take());
+        self.settle_with(&rec, reservation);
+    }
+
+    /// Commits `rec` against `reservation`: locally, or in the shared windows.
+    fn settle_with(&self, rec: &CostRecord, reservation: Reservation) {
+        #[cfg(feature = "redis")]
+        let mut reservation = reservation;
+        #[cfg(feature = "redis")]
+        if let Some(hold) = reservation.hold.take() {
+            let reserved = reservation.take();
+            self.commit_shared(rec, reserved, hold);
+            return;
+        }
+        self.commit(rec, reservation.take());
+    }
+
+    /// Records `rec` in the ledger and the local windows (as a shadow, for the fail-open
+    /// fallback), then settles it in Redis on a task of its own. The alerts Redis says this
+    /// settle reached first fire; when Redis fails, the local alerts fire instead.
+    #[cfg(feature = "redis")]
+    fn commit_shared(&self, rec: &CostRecord, reserved: u64, hold: crate::redis::Hold) {
+        use crate::budget::{AlertKind, BudgetAlert};
+
+        let inner = &self.inner;
+        let now = Now::at(rec.at);
+        let spent = rec.spent().nanos();
+        let mut local_alerts = Vec::new();
+        let thresholds = {
+            let mut st = inner.lock();
+            st.ledger.add(rec, Day::of(rec.at));
+            st.budgets
+                .settle(&rec.tenant, 0, spent, now, &mut local_alerts);
+            st.budgets.thresholds().to_vec()
+        };
+        self.after_commit(rec);
+        let windows = self.shared_windows(&hold.redis, &rec.tenant, now);
+        if windows.is_empty() && (reserved == 0 || hold.keys.is_empty()) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.fire(&local_alerts);
+            return;
+        };
+        let tracker = self.clone();
+        rt.spawn(async move {
+            let keys: Vec<_> = windows.iter().map(|w| w.2.clone()).collect();
+            let fired = hold
+                .redis
+                .settle(&keys, &hold.keys, reserved, spent, &thresholds)
+                .await;
+            let Some(fired) = fired else {
+                tracker.fire(&local_alerts);
+                return;
+            };
+            let alerts: Vec<_> = fired
+                .into_iter()
+                .filter_map(|(i, percent, total)| {
+                    let (scope, window, key) = windows.get(i)?;
+                    Some(BudgetAlert {
+                        scope: scope.clone(),
+                        window: *window,
+                        period: now.label(*window),
+                        kind: AlertKind::Threshold { percent },
+                        limit: Usd::from_nanos(key.limit),
+                        spent: Usd::from_nanos(total),
+                    })
+                })
+                .collect();
+            tracker.fire(&alerts);
+        });
+    }
+
+    fn fire(&self, alerts: &[crate::budget::BudgetAlert]) {
+        for a in alerts {
+            metrics::alert(a);
+            self.inner.alerts.on_alert(a);
+        }
+    }
+
+    /// What follows every commit: metrics, the unknown-model warning, the record hook.
+    fn after_commit(&self, rec: &CostRecord) {
+        metrics::record(rec);
+        if rec.cost.is_none() {
+            self.warn_unknown(rec);
+        }
+        if let Some(hook) = &self.inner.on_record {
+            hook(rec);
+        }
     }
 
     fn commit(&self, rec: &CostRecord, reserved: u64) {
@@ -482,17 +751,8 @@ impl CostTracker {
                 );
             }
         }
-        metrics::record(rec);
-        if rec.cost.is_none() {
-            self.warn_unknown(rec);
-        }
-        for a in &alerts {
-            metrics::alert(a);
-            inner.alerts.on_alert(a);
-        }
-        if let Some(hook) = &inner.on_record {
-            hook(rec);
-        }
+        self.after_commit(rec);
+        self.fire(&alerts);
     }
 
     fn warn_unknown(&self, rec: &CostRecord) {

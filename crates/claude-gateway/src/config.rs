@@ -13,11 +13,22 @@
 //! tenant = "team-a"
 //!
 //! admin_key_hash = "blake3:…"       # for GET /admin/costs
+//!
+//! # Several gateways sharing one set of limits, one cache and one budget (see
+//! # claude_stack::shared): every instance with the same Redis URL shares them.
+//! redis_url = "redis://127.0.0.1:6379/"
 //! ```
 //!
 //! Environment: `CLAUDE_GATEWAY_LISTEN`, `CLAUDE_GATEWAY_UPSTREAM`,
 //! `CLAUDE_GATEWAY_CLIENT_KEYS="key1=tenant-a,key2=tenant-b"` (plain keys, hashed at load
-//! and added to the file's), `CLAUDE_GATEWAY_ADMIN_KEY` (plain; replaces the file's hash).
+//! and added to the file's), `CLAUDE_GATEWAY_ADMIN_KEY` (plain; replaces the file's hash),
+//! `CLAUDE_GATEWAY_REDIS_URL` (replaces `redis_url`).
+//!
+//! `redis_url` (top level, or `stack.redis_url`; the top level wins) switches the rate
+//! limiter, the cache and the budgets to state shared in Redis. While Redis is unreachable
+//! the cache passes through, and the limiter and the budgets follow
+//! `stack.redis_on_failure` (`fail_open`, the default: each instance's local limits and
+//! budgets; `fail_closed`: refuse). They use Redis again by themselves when it returns.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -80,6 +91,9 @@ pub struct GatewayConfig {
     pub client_keys: Vec<ClientKeyEntry>,
     /// The admin key's hash, for `GET /admin/costs`.
     pub admin_key_hash: Option<String>,
+    /// Redis shared by every instance: rate limits, cache and budgets (see the module
+    /// docs). Default: none. Replaces `stack.redis_url` when set.
+    pub redis_url: Option<claude_stack::RedisUrl>,
     /// The layer stack (client, retry, rate limit, cache, cost, secrets).
     pub stack: claude_stack::StackConfig,
 }
@@ -93,6 +107,7 @@ impl Default for GatewayConfig {
             shutdown_grace: Duration::from_secs(30),
             client_keys: Vec::new(),
             admin_key_hash: None,
+            redis_url: None,
             stack: claude_stack::StackConfig::default(),
         }
     }
@@ -161,6 +176,12 @@ impl GatewayConfig {
                     .push((hash_key(key.trim()), tenant.trim().to_owned()));
             }
         }
+        if let Some(v) = get("CLAUDE_GATEWAY_REDIS_URL") {
+            if v.trim().is_empty() {
+                return Err(err("CLAUDE_GATEWAY_REDIS_URL", "must not be empty"));
+            }
+            self.redis_url = Some(claude_stack::RedisUrl::new(v.trim()));
+        }
         if let Some(v) = get("CLAUDE_GATEWAY_ADMIN_KEY") {
             if v.trim().is_empty() {
                 return Err(err("CLAUDE_GATEWAY_ADMIN_KEY", "must not be empty"));
@@ -168,6 +189,15 @@ impl GatewayConfig {
             self.admin_key_hash = Some(format!("blake3:{}", hex(&hash_key(v.trim()))));
         }
         Ok(extra)
+    }
+
+    /// The stack's configuration, with the top-level `redis_url` applied.
+    pub fn stack_config(&self) -> claude_stack::StackConfig {
+        let mut stack = self.stack.clone();
+        if let Some(url) = &self.redis_url {
+            stack.redis_url = Some(url.clone());
+        }
+        stack
     }
 
     /// Checks everything and builds the runtime key table.
@@ -311,6 +341,39 @@ mod tests {
                 .unwrap();
         let e = cfg.validate(&Extra::default()).unwrap_err();
         assert_eq!(e.field, "client_keys[0].hash");
+    }
+
+    #[test]
+    fn redis_url_from_file_and_env_reaches_the_stack() {
+        let mut cfg = GatewayConfig::from_toml("redis_url = \"redis://a:1/\"\n").unwrap();
+        assert_eq!(
+            cfg.redis_url.as_ref().map(claude_stack::RedisUrl::expose),
+            Some("redis://a:1/")
+        );
+        cfg.apply_env(|k| (k == "CLAUDE_GATEWAY_REDIS_URL").then(|| "redis://:pw@b:2/".to_owned()))
+            .unwrap();
+        assert_eq!(
+            cfg.stack_config()
+                .redis_url
+                .as_ref()
+                .map(claude_stack::RedisUrl::expose),
+            Some("redis://:pw@b:2/")
+        );
+        assert!(!format!("{cfg:?}").contains("pw"));
+        let nested = GatewayConfig::from_toml("[stack]\nredis_url = \"redis://c:3/\"\n").unwrap();
+        assert_eq!(
+            nested
+                .stack_config()
+                .redis_url
+                .as_ref()
+                .map(claude_stack::RedisUrl::expose),
+            Some("redis://c:3/")
+        );
+        assert!(
+            GatewayConfig::default()
+                .apply_env(|k| (k == "CLAUDE_GATEWAY_REDIS_URL").then(String::new))
+                .is_err()
+        );
     }
 
     #[test]

@@ -147,7 +147,7 @@ impl Gateway {
         };
         cfg.stack.client.base_url.clone_from(&cfg.upstream);
         let mut stack =
-            claude_stack::ClaudeStack::new(cfg.stack.clone()).map_err(StartError::Stack)?;
+            claude_stack::ClaudeStack::new(cfg.stack_config()).map_err(StartError::Stack)?;
         // Readiness: with the default key ring, ready once it holds a key; with configured
         // [stack.secrets], the rings fetch in the background and report through metrics.
         let mut ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(|| true);

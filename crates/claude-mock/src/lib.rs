@@ -213,6 +213,7 @@ mod directives;
 mod estimate;
 mod fault;
 mod limits;
+pub mod redis_server;
 mod server;
 mod service;
 mod stats;

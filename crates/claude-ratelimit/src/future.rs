@@ -15,6 +15,13 @@ use tower_service::Service;
 use crate::limiter::Ticket;
 use crate::queue::Acquire;
 
+#[cfg(feature = "redis")]
+type GrantFuture = crate::redis::Grant;
+
+/// Never built without the `redis` feature.
+#[cfg(not(feature = "redis"))]
+struct GrantFuture(std::convert::Infallible);
+
 pin_project! {
     #[project = StateProj]
     enum State<S, F> {
@@ -23,6 +30,13 @@ pin_project! {
         // Queued: `service` is the ready service `call` took (the one `poll_ready` drove),
         // called once the wait ends.
         Waiting { acquire: Acquire, service: Option<S>, request: Option<Request<Bytes>> },
+        // Admitted locally, asking the shared buckets for the grant (feature `redis`).
+        Granting {
+            grant: GrantFuture,
+            ticket: Option<Ticket>,
+            service: Option<S>,
+            request: Option<Request<Bytes>>,
+        },
         // Admitted and sent; the ticket settles when the body ends.
         Calling { #[pin] future: F, ticket: Option<Ticket> },
         // Not a Messages call: passed through unlimited.
@@ -69,6 +83,28 @@ where
         }
     }
 
+    /// A locally admitted call that must also obtain the shared grant before `service`
+    /// is called.
+    #[cfg(feature = "redis")]
+    pub(crate) fn granting(
+        limiter: &crate::limiter::Limiter,
+        ticket: Ticket,
+        mut service: S,
+        request: Request<Bytes>,
+    ) -> Self {
+        match limiter.shared_grant(&ticket) {
+            Some(grant) => Self {
+                state: State::Granting {
+                    grant,
+                    ticket: Some(ticket),
+                    service: Some(service),
+                    request: Some(request),
+                },
+            },
+            None => Self::calling(service.call(request), ticket),
+        }
+    }
+
     pub(crate) fn calling(future: S::Future, ticket: Ticket) -> Self {
         Self {
             state: State::Calling {
@@ -93,6 +129,7 @@ where
         let state = match &self.state {
             State::Rejected { .. } => "rejected",
             State::Waiting { .. } => "waiting",
+            State::Granting { .. } => "granting",
             State::Calling { .. } => "calling",
             State::Passing { .. } => "passing",
         };
@@ -140,11 +177,52 @@ where
                     else {
                         return Poll::Ready(Err(internal("rate-limit future lost its request")));
                     };
+                    #[cfg(feature = "redis")]
+                    if let Some(grant) = ticket.shared_grant() {
+                        this.state.set(State::Granting {
+                            grant,
+                            ticket: Some(ticket),
+                            service: Some(service),
+                            request: Some(request),
+                        });
+                        continue;
+                    }
                     let future = service.call(request);
                     this.state.set(State::Calling {
                         future,
                         ticket: Some(ticket),
                     });
+                }
+                #[cfg(not(feature = "redis"))]
+                StateProj::Granting { grant, .. } => match grant.0 {},
+                #[cfg(feature = "redis")]
+                StateProj::Granting {
+                    grant,
+                    ticket,
+                    service,
+                    request,
+                } => {
+                    let granted = ready!(grant.as_mut().poll(cx));
+                    let (Some(mut ticket), Some(mut service), Some(request)) =
+                        (ticket.take(), service.take(), request.take())
+                    else {
+                        return Poll::Ready(Err(internal("rate-limit future lost its request")));
+                    };
+                    match granted {
+                        Ok(hold) => {
+                            ticket.attach(hold);
+                            let future = service.call(request);
+                            this.state.set(State::Calling {
+                                future,
+                                ticket: Some(ticket),
+                            });
+                        }
+                        Err(e) => {
+                            ticket.abandon();
+                            this.state.set(State::Rejected { error: None });
+                            return Poll::Ready(Err(e.into()));
+                        }
+                    }
                 }
                 StateProj::Calling { future, ticket } => {
                     let result = ready!(future.poll(cx));

@@ -64,8 +64,26 @@ impl RateLimitLayer {
         let mut config = self.limiter.config().clone();
         change(&mut config);
         match Self::from_config(config) {
+            #[cfg(feature = "redis")]
+            Ok(layer) => match &self.limiter.shared {
+                Some(shared) => layer.redis(shared.clone()),
+                None => layer,
+            },
+            #[cfg(not(feature = "redis"))]
             Ok(layer) => layer,
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Shares the limits with every layer on the same Redis (feature `redis`; see the
+    /// [`redis`](crate::redis) module). Like the setters, builds a fresh state.
+    #[cfg(feature = "redis")]
+    #[must_use]
+    pub fn redis(self, shared: crate::redis::RedisLimits) -> Self {
+        let mut limiter = Limiter::new(self.limiter.config().clone());
+        limiter.shared = Some(shared);
+        Self {
+            limiter: Arc::new(limiter),
         }
     }
 
@@ -244,6 +262,12 @@ where
             Err(e) => return ResponseFuture::rejected(e),
         };
         match self.limiter.begin(demand) {
+            #[cfg(feature = "redis")]
+            Begin::Admitted(ticket) if self.limiter.shared.is_some() => {
+                let clone = self.inner.clone();
+                let service = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::granting(&self.limiter, ticket, service, request)
+            }
             Begin::Admitted(ticket) => ResponseFuture::calling(self.inner.call(request), ticket),
             Begin::Queued(acquire) => {
                 // The ready service goes with the request; the clone left here is driven

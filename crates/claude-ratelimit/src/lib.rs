@@ -140,6 +140,10 @@
 //! 100,000 tenants holds the recently active ones only. [`RateLimitLayer::evict_idle`]
 //! sweeps everything at once.
 //!
+//! **Several instances** (feature `redis`): with `RateLimitLayer::redis`, a locally
+//! admitted request must also obtain an atomic grant from buckets shared in Redis, so
+//! several gateways hold one limit together; see the `redis` module.
+//!
 //! **Metrics**: see [`metrics`] (queue depth, wait time, rejections by
 //! reason, tokens available; never labelled by tenant).
 //!
@@ -162,6 +166,9 @@ mod layer;
 mod limiter;
 pub mod metrics;
 mod queue;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 #[cfg(test)]
 mod tests;
 
@@ -169,3 +176,6 @@ pub use config::{ConfigError, KeyScope, RateLimitConfig};
 pub use layer::{RateLimit, RateLimitLayer};
 pub use limiter::{BucketSnapshot, KeySnapshot};
 pub use metrics::describe_metrics;
+
+#[cfg(feature = "redis")]
+pub use crate::redis::{FailurePolicy, RedisLimits};

@@ -56,6 +56,23 @@ pub(crate) struct Key {
     family: Option<Arc<str>>,
 }
 
+impl Key {
+    /// An unambiguous id for shared state: the family with its length, then the tenant
+    /// (`-` for a part the scope leaves out).
+    #[cfg(feature = "redis")]
+    pub(crate) fn shared_id(&self) -> String {
+        let family = self
+            .family
+            .as_deref()
+            .map_or_else(|| "-".to_owned(), |f| format!("{}.{f}", f.len()));
+        let tenant = self
+            .tenant
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |t| format!("t.{t}"));
+        format!("{family}:{tenant}")
+    }
+}
+
 /// The configuration, validated, with the figures the hot path needs precomputed.
 #[derive(Debug)]
 pub(crate) struct Settings {
@@ -95,7 +112,7 @@ impl Settings {
     /// (less when the demand is close to the capacity, so that a request as large as the
     /// bucket still passes when it is full), and always more than zero (a bucket in debt
     /// admits nothing, as the server's output bucket).
-    fn required(&self, k: usize, demand: i64) -> i64 {
+    pub(crate) fn required(&self, k: usize, demand: i64) -> i64 {
         let margin = self.margins[k].min((self.caps[k] - demand).max(0));
         (demand + margin).max(1)
     }
@@ -423,6 +440,9 @@ pub(crate) struct Limiter {
     hasher: RandomState,
     calls: AtomicU64,
     family_labels: Mutex<HashSet<Arc<str>>>,
+    /// The shared buckets in Redis, if any.
+    #[cfg(feature = "redis")]
+    pub(crate) shared: Option<crate::redis::RedisLimits>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -460,7 +480,28 @@ impl Limiter {
             hasher: RandomState::new(),
             calls: AtomicU64::new(0),
             family_labels: Mutex::new(HashSet::new()),
+            #[cfg(feature = "redis")]
+            shared: None,
         }
+    }
+
+    /// The grant a locally admitted call must also obtain from the shared buckets; `None`
+    /// without them.
+    #[cfg(feature = "redis")]
+    pub(crate) fn shared_grant(&self, ticket: &Ticket) -> Option<crate::redis::Grant> {
+        let shared = self.shared.as_ref()?;
+        let id = ticket.key.shared_id();
+        let buckets = (0..3)
+            .filter(|&k| self.settings.limits[k].is_some())
+            .map(|k| crate::redis::SharedBucket {
+                kind: k,
+                key: shared.key(KIND_NAMES[k], &id),
+                cap: self.settings.caps[k],
+                demand: ticket.reserved[k],
+                required: self.settings.required(k, ticket.reserved[k]),
+            })
+            .collect();
+        Some(shared.grant(buckets, self.settings.config.max_wait))
     }
 
     pub(crate) fn config(&self) -> &RateLimitConfig {
@@ -793,6 +834,11 @@ pub(crate) struct Ticket {
     counts_cache_reads: bool,
     outcome: Outcome,
     settled: bool,
+    #[cfg(feature = "redis")]
+    key: Key,
+    /// The grant of the shared buckets, settled there too.
+    #[cfg(feature = "redis")]
+    hold: Option<Box<crate::redis::Hold>>,
 }
 
 impl Ticket {
@@ -810,7 +856,29 @@ impl Ticket {
             counts_cache_reads: demand.counts_cache_reads,
             outcome: Outcome::NoResponse,
             settled: false,
+            #[cfg(feature = "redis")]
+            key: demand.key.clone(),
+            #[cfg(feature = "redis")]
+            hold: None,
         }
+    }
+
+    /// The grant this call must also obtain from the shared buckets, if there are any.
+    #[cfg(feature = "redis")]
+    pub(crate) fn shared_grant(&self) -> Option<crate::redis::Grant> {
+        self.limiter.shared_grant(self)
+    }
+
+    /// Attaches the grant of the shared buckets.
+    #[cfg(feature = "redis")]
+    pub(crate) fn attach(&mut self, hold: Option<crate::redis::Hold>) {
+        self.hold = hold.map(Box::new);
+    }
+
+    /// Gives everything back: the call was refused before it was sent.
+    #[cfg(feature = "redis")]
+    pub(crate) fn abandon(mut self) {
+        self.finish(&[0; 3]);
     }
 
     /// Records the response head: its status class for settlement and, when following the
@@ -888,6 +956,19 @@ impl Ticket {
             return;
         }
         self.settled = true;
+        #[cfg(feature = "redis")]
+        if let Some(hold) = self.hold.take() {
+            let deltas: Vec<i64> = hold
+                .buckets
+                .iter()
+                .map(|b| self.reserved[b.kind] - finals[b.kind])
+                .collect();
+            if deltas.iter().any(|d| *d != 0)
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                rt.spawn(async move { hold.redis.settle(&hold.buckets, &deltas).await });
+            }
+        }
         let mut inner = lock(&self.state.inner);
         inner.refill(Instant::now());
         inner.settle(self.seq, &self.reserved, finals);

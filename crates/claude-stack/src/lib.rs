@@ -30,11 +30,13 @@
 mod claude_client;
 mod client;
 mod observe;
+pub mod shared;
 mod stack;
 mod toggle;
 
 pub use claude_client::ClaudeClient;
 pub use client::{ClientConfig, HttpClient, TimeoutBody};
 pub use observe::{OVERHEAD_SECONDS, StackTimings};
+pub use shared::{RedisOnFailure, RedisUrl};
 pub use stack::{ClaudeStack, StackBody, StackConfig, StackService};
 pub use toggle::Toggle;

@@ -42,6 +42,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::client::{ClientConfig, HttpClient};
 use crate::observe::{ObserveLayer, Probe};
+use crate::shared::{RedisOnFailure, RedisUrl};
 use crate::toggle::Toggle;
 
 /// The response body of an assembled stack: streamed, boxed once per layer.
@@ -75,6 +76,13 @@ pub struct StackConfig {
     /// service below is given requests as they are; the gateway supplies
     /// `ANTHROPIC_API_KEY` when this is off).
     pub secrets: Toggle<SecretsConfig>,
+    /// Shares the rate limits, the cache and the budgets with every instance on this Redis
+    /// (see [`crate::shared`]; needs the `redis` feature). Default: none (state is local).
+    pub redis_url: Option<RedisUrl>,
+    /// What the rate limiter and the budgets do while Redis is unreachable. Default:
+    /// `fail_open` (each instance's local limits and budgets apply). The cache always
+    /// passes through.
+    pub redis_on_failure: RedisOnFailure,
 }
 
 impl Default for StackConfig {
@@ -87,6 +95,8 @@ impl Default for StackConfig {
             retry: Toggle::On(RetryConfig::default()),
             rate_limit: Toggle::Off,
             secrets: Toggle::Off,
+            redis_url: None,
+            redis_on_failure: RedisOnFailure::FailOpen,
         }
     }
 }
@@ -120,11 +130,30 @@ impl ClaudeStack {
     /// Fails when a section is invalid (e.g. an unreadable price file); the message names
     /// the section.
     pub fn new(config: StackConfig) -> Result<Self, Error> {
+        #[cfg(not(feature = "redis"))]
+        if config.redis_url.is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                "redis_url: this build has no Redis support (enable the `redis` feature of \
+                 claude-stack)",
+            ));
+        }
+        #[cfg(feature = "redis")]
+        let redis = match &config.redis_url {
+            Some(url) => Some(Redis::open(url, config.redis_on_failure)?),
+            None => None,
+        };
         let cost = match config.cost.as_on() {
-            Some(c) => Some(
-                CostTracker::from_config(c)
-                    .map_err(|e| Error::new(ErrorKind::InvalidRequest, format!("cost: {e}")))?,
-            ),
+            Some(c) => {
+                let builder = CostTracker::builder_from_config(c)
+                    .map_err(|e| Error::new(ErrorKind::InvalidRequest, format!("cost: {e}")))?;
+                #[cfg(feature = "redis")]
+                let builder = match &redis {
+                    Some(r) => builder.redis(r.budgets.clone()),
+                    None => builder,
+                };
+                Some(builder.build())
+            }
             None => None,
         };
         let retry = match config.retry.as_on() {
@@ -143,6 +172,14 @@ impl ClaudeStack {
                 })?),
                 None => None,
             };
+        #[cfg(feature = "redis")]
+        let (cache, rate_limit) = match &redis {
+            Some(r) => (
+                cache.map(|c| c.redis(r.cache.clone())),
+                rate_limit.map(|l| l.redis(r.limits.clone())),
+            ),
+            None => (cache, rate_limit),
+        };
         let api_key = match config.secrets.as_on() {
             Some(c) => Some(
                 c.build_layer()
@@ -235,6 +272,41 @@ impl ClaudeStack {
     pub fn client(&self) -> Result<StackService, Error> {
         let http = HttpClient::new(&self.config.client)?;
         Ok(self.service(http))
+    }
+}
+
+/// The three Redis clients of a stack (one connection each, created on first use).
+#[cfg(feature = "redis")]
+struct Redis {
+    cache: claude_cache::RedisCache,
+    limits: claude_ratelimit::RedisLimits,
+    budgets: claude_cost::RedisBudgets,
+}
+
+#[cfg(feature = "redis")]
+impl Redis {
+    fn open(url: &RedisUrl, on_failure: RedisOnFailure) -> Result<Self, Error> {
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::new(ErrorKind::InvalidRequest, format!("redis_url: {e}"))
+        };
+        let cache = claude_cache::RedisCache::open(url.expose()).map_err(|e| bad(&e))?;
+        let limits = claude_ratelimit::RedisLimits::open(url.expose()).map_err(|e| bad(&e))?;
+        let budgets = claude_cost::RedisBudgets::open(url.expose()).map_err(|e| bad(&e))?;
+        let (limits_policy, budgets_policy) = match on_failure {
+            RedisOnFailure::FailOpen => (
+                claude_ratelimit::FailurePolicy::FailOpen,
+                claude_cost::FailurePolicy::FailOpen,
+            ),
+            RedisOnFailure::FailClosed => (
+                claude_ratelimit::FailurePolicy::FailClosed,
+                claude_cost::FailurePolicy::FailClosed,
+            ),
+        };
+        Ok(Self {
+            cache,
+            limits: limits.policy(limits_policy),
+            budgets: budgets.policy(budgets_policy),
+        })
     }
 }
 

@@ -1,0 +1,371 @@
+//! Rate limits shared by several layers (several gateway instances) through Redis (feature
+//! `redis`).
+//!
+//! # How it works
+//!
+//! The local limiter keeps doing everything it does alone: the FIFO queue, the concurrency
+//! slots, its own buckets, following the server. With [`RateLimitLayer::redis`], a request
+//! the local limiter admitted must also obtain a **grant** from the shared buckets before
+//! it is sent:
+//!
+//! - The grant is one Lua script over every bucket the request touches (requests, input
+//!   tokens, output tokens of its key, with the key's scope: tenant and/or model family):
+//!   each bucket is refilled continuously from the time of its last update to the Redis
+//!   server's clock (`TIME`, so instances' clocks do not matter), and if every bucket holds
+//!   the demand plus the safety margin, all are charged at once; otherwise nothing is
+//!   charged and the script returns how long until they would hold it. All or nothing,
+//!   atomically, across any number of instances.
+//! - A bucket is a hash `{prefix}{kind}:{family}:{tenant}` with its level (thousandths of a
+//!   token) and the time of the level; its expiry is the time it takes to refill to full,
+//!   after which it is indistinguishable from an absent (full) bucket.
+//! - A denied request waits locally for the time the script returned, then asks again,
+//!   until its deadline ([`RateLimitConfig::max_wait`](crate::RateLimitConfig::max_wait)
+//!   from the moment it asks), when it is refused with `QueueTimeout`. Waiters of different
+//!   instances are not ordered among themselves (each instance's own queue stays FIFO).
+//! - Settlement runs a second script that refunds (or charges) the difference between the
+//!   reservation and the usage, by the same rules as locally, on a task of its own.
+//!
+//! The local buckets keep the same limits: an instance never exceeds the limits alone, and
+//! they are the fallback. A request waiting for its grant holds its local admission (and
+//! its concurrency slot, with `max_concurrent_requests`) meanwhile.
+//!
+//! Scope: the buckets are those of the request's key under
+//! [`KeyScope`](crate::KeyScope), as locally (one key per request: tenant and model family
+//! by default). The script takes any number of buckets, so a request could be checked
+//! against several scopes at once, but the layer has one scope, as the local limiter. Server figures (`anthropic-ratelimit-*` headers, a 429's pause)
+//! correct the local buckets only.
+//!
+//! # When Redis is unreachable
+//!
+//! Every call has a timeout ([`RedisLimits::timeout`], 250 ms by default). When the grant
+//! cannot be obtained because Redis fails, [`FailurePolicy`] decides:
+//! [`FailurePolicy::FailOpen`] (the default) sends the request on the local admission alone,
+//! so each instance holds the limits by itself; [`FailurePolicy::FailClosed`] refuses it with
+//! a local 429 (`RateLimited`, `retry-after: 1`). The connection (redis-rs's
+//! `ConnectionManager`, created on first use) reconnects by itself, and the shared buckets
+//! are used again as soon as Redis answers. Failures count in
+//! `claude_ratelimit_redis_errors_total` (label `op`: `grant`, `settle`).
+//!
+//! [`RateLimitLayer::redis`]: crate::RateLimitLayer::redis
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use claude_core::{Error, ErrorKind};
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "claude-ratelimit:v1:";
+/// The default timeout of each Redis call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+/// Counter, label `op` (`grant`, `settle`): failed calls to Redis.
+pub const REDIS_ERRORS: &str = "claude_ratelimit_redis_errors_total";
+
+/// What a request does when the shared buckets cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Send it on the local admission alone (the default).
+    #[default]
+    FailOpen,
+    /// Refuse it with a local 429.
+    FailClosed,
+}
+
+const GRANT: &str = r"
+-- KEYS: buckets. ARGV: per bucket: capacity, demand, required (milli-units).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local levels = {}
+local wait = 0
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[3 * i - 2])
+  local required = tonumber(ARGV[3 * i])
+  local v = redis.call('HMGET', KEYS[i], 'level', 'ts')
+  local level = tonumber(v[1])
+  local ts = tonumber(v[2])
+  if level == nil or ts == nil then
+    level = cap
+  elseif now > ts then
+    level = math.min(cap, level + math.min(now - ts, 60000000) * cap / 60000000)
+  end
+  levels[i] = level
+  if level < required then
+    local w = (required - level) * 60000000 / cap
+    if w > wait then wait = w end
+  end
+end
+if wait > 0 then
+  return {0, math.ceil(wait / 1000)}
+end
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[3 * i - 2])
+  local level = levels[i] - tonumber(ARGV[3 * i - 1])
+  redis.call('HSET', KEYS[i], 'level', string.format('%.3f', level), 'ts', now)
+  redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) * 60000 / cap) + 1000)
+end
+return {1, 0}
+";
+
+const SETTLE: &str = r"
+-- KEYS: buckets. ARGV: per bucket: capacity, delta (milli-units; > 0 refunds).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[2 * i - 1])
+  local delta = tonumber(ARGV[2 * i])
+  local v = redis.call('HMGET', KEYS[i], 'level', 'ts')
+  local level = tonumber(v[1])
+  local ts = tonumber(v[2])
+  if level == nil or ts == nil then
+    level = cap
+  elseif now > ts then
+    level = math.min(cap, level + math.min(now - ts, 60000000) * cap / 60000000)
+  end
+  level = math.min(cap, level + delta)
+  if level >= cap then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('HSET', KEYS[i], 'level', string.format('%.3f', level), 'ts', now)
+    redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) * 60000 / cap) + 1000)
+  end
+end
+return {0}
+";
+
+/// The Redis store of shared rate limits: where it connects, the key prefix, the per-call
+/// timeout and the [`FailurePolicy`]. Cheap to clone; clones share one connection. Give it
+/// to [`RateLimitLayer::redis`](crate::RateLimitLayer::redis).
+#[derive(Clone)]
+pub struct RedisLimits {
+    client: redis::Client,
+    prefix: Arc<str>,
+    timeout: Duration,
+    policy: FailurePolicy,
+    conn: Arc<OnceLock<Option<ConnectionManager>>>,
+    scripts: Arc<(Script, Script)>,
+    last_warn: Arc<AtomicU64>,
+    epoch: std::time::Instant,
+}
+
+impl fmt::Debug for RedisLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connection info may hold a password: print the address only.
+        f.debug_struct("RedisLimits")
+            .field("addr", &self.client.get_connection_info().addr())
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One bucket of a grant: its Redis key, capacity, demand and the level it must hold.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedBucket {
+    pub(crate) kind: usize,
+    pub(crate) key: String,
+    pub(crate) cap: i64,
+    pub(crate) demand: i64,
+    pub(crate) required: i64,
+}
+
+/// A grant obtained in Redis: what to settle there.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    pub(crate) redis: RedisLimits,
+    pub(crate) buckets: Vec<SharedBucket>,
+}
+
+/// The future of a grant: `Some` when granted in Redis, `None` when the policy let the
+/// request go on its local admission.
+pub(crate) type Grant = Pin<Box<dyn Future<Output = Result<Option<Hold>, Error>> + Send>>;
+
+enum Reply {
+    Granted,
+    Wait(Duration),
+}
+
+impl RedisLimits {
+    /// Shared limits on the Redis server at `url`. Nothing connects until the first use.
+    ///
+    /// # Errors
+    ///
+    /// When the URL does not parse.
+    pub fn open(url: &str) -> redis::RedisResult<Self> {
+        Ok(Self::new(redis::Client::open(url)?))
+    }
+
+    /// Shared limits through `client`.
+    pub fn new(client: redis::Client) -> Self {
+        Self {
+            client,
+            prefix: Arc::from(DEFAULT_PREFIX),
+            timeout: DEFAULT_TIMEOUT,
+            policy: FailurePolicy::default(),
+            conn: Arc::new(OnceLock::new()),
+            scripts: Arc::new((Script::new(GRANT), Script::new(SETTLE))),
+            last_warn: Arc::new(AtomicU64::new(0)),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    /// Sets the key prefix (default [`DEFAULT_PREFIX`]).
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<Arc<str>>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets the timeout of every Redis call (default [`DEFAULT_TIMEOUT`], 250 ms).
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self.conn = Arc::new(OnceLock::new());
+        self
+    }
+
+    /// Sets what a request does when Redis is unreachable (default
+    /// [`FailurePolicy::FailOpen`]).
+    #[must_use]
+    pub fn policy(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The policy in force.
+    pub fn failure_policy(&self) -> FailurePolicy {
+        self.policy
+    }
+
+    /// The Redis key of bucket `kind` of the key whose id is `id`.
+    pub(crate) fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.prefix)
+    }
+
+    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+        self.conn
+            .get_or_init(|| {
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                ConnectionManager::new_lazy_with_config(self.client.clone(), cfg)
+                    .map_err(|e| tracing_warn("connection manager", &e))
+                    .ok()
+            })
+            .clone()
+            .ok_or_else(|| (redis::ErrorKind::Client, "no connection manager").into())
+    }
+
+    async fn invoke(&self, op: &'static str, inv: redis::ScriptInvocation<'_>) -> Option<Vec<i64>> {
+        let mut conn = match self.conn() {
+            Ok(c) => c,
+            Err(e) => {
+                self.failed(op, &e);
+                return None;
+            }
+        };
+        match tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.failed(op, &e);
+                None
+            }
+            Err(_) => {
+                self.failed(op, &format!("no answer within {:?}", self.timeout));
+                None
+            }
+        }
+    }
+
+    async fn try_grant(&self, buckets: &[SharedBucket]) -> Option<Reply> {
+        let mut inv = self.scripts.0.prepare_invoke();
+        for b in buckets {
+            inv.key(&b.key).arg(b.cap).arg(b.demand).arg(b.required);
+        }
+        match self.invoke("grant", inv).await?.as_slice() {
+            [1, _] => Some(Reply::Granted),
+            &[0, ms] => Some(Reply::Wait(Duration::from_millis(
+                u64::try_from(ms).unwrap_or(0).max(1),
+            ))),
+            _ => {
+                self.failed("grant", &"unexpected reply");
+                None
+            }
+        }
+    }
+
+    /// Obtains the grant of `buckets`, waiting as the script says, until `max_wait` has
+    /// passed.
+    pub(crate) fn grant(&self, buckets: Vec<SharedBucket>, max_wait: Duration) -> Grant {
+        let redis = self.clone();
+        Box::pin(async move {
+            if buckets.is_empty() {
+                return Ok(None);
+            }
+            let deadline = Instant::now() + max_wait;
+            loop {
+                match redis.try_grant(&buckets).await {
+                    Some(Reply::Granted) => return Ok(Some(Hold { redis, buckets })),
+                    Some(Reply::Wait(wait)) => {
+                        let now = Instant::now();
+                        if now + wait > deadline {
+                            crate::metrics::rejected("queue_timeout");
+                            return Err(Error::queue_timeout(wait));
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => {
+                        return match redis.policy {
+                            FailurePolicy::FailOpen => Ok(None),
+                            FailurePolicy::FailClosed => Err(Error::new(
+                                ErrorKind::RateLimited,
+                                "local rate limit: the shared rate-limit store is unreachable, \
+                                 and this gateway refuses requests it cannot count (fail closed)",
+                            )
+                            .with_retry_after(Duration::from_secs(1))),
+                        };
+                    }
+                }
+            }
+        })
+    }
+
+    /// Refunds (or charges) `deltas` (per bucket of the hold, milli-units).
+    pub(crate) async fn settle(&self, buckets: &[SharedBucket], deltas: &[i64]) {
+        let mut inv = self.scripts.1.prepare_invoke();
+        for (b, d) in buckets.iter().zip(deltas) {
+            inv.key(&b.key).arg(b.cap).arg(*d);
+        }
+        let _ = self.invoke("settle", inv).await;
+    }
+
+    fn failed(&self, op: &'static str, error: &dyn fmt::Display) {
+        ::metrics::counter!(REDIS_ERRORS, "op" => op).increment(1);
+        let now = self.epoch.elapsed().as_millis() as u64 + 10_000;
+        let last = self.last_warn.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 10_000
+            && self
+                .last_warn
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(op, %error, policy = ?self.policy, "claude-ratelimit: redis limits unavailable (next warning in 10 s at the earliest)");
+        } else {
+            tracing::debug!(op, %error, "claude-ratelimit: redis limits call failed");
+        }
+    }
+}
+
+fn tracing_warn(what: &str, error: &dyn fmt::Display) {
+    tracing::warn!(%error, "claude-ratelimit: redis {what}");
+}
