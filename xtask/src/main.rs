@@ -4,6 +4,11 @@
 //!   feature and warnings denied, `cargo doc` with warnings denied, doc tests, then every test
 //!   of every crate with every feature (cargo-nextest when installed, else `cargo test`).
 //!   The tests run last so their summary is the closing line of the log.
+//! - `bench-gateway [--quick] [ARGS...]`: the open-loop load benchmark of claude-gateway
+//!   against claude-mock alone and a bare hyper proxy (`cargo run --release --locked -p
+//!   claude-benches --bin bench-gateway -- ARGS`); prints markdown tables for BENCHMARKS.md.
+//!   `--quick` takes 1.5 to 2.5 minutes, the full ladder about 10; `--soak-memory` is the
+//!   5-minute memory run; `--help` lists the settings.
 
 use std::env;
 use std::process::{Command, ExitCode};
@@ -14,6 +19,7 @@ fn main() -> ExitCode {
     let task = args.first().map_or("help", String::as_str);
     let result = match task {
         "ci" => ci(),
+        "bench-gateway" => bench_gateway(args.get(1..).unwrap_or_default()),
         "help" | "--help" | "-h" => {
             print_help();
             Ok(())
@@ -32,7 +38,7 @@ fn main() -> ExitCode {
 
 fn print_help() {
     eprintln!(
-        "usage: cargo xtask <task>\n\ntasks:\n  ci    fmt, clippy, doc, doc tests, all tests (what CI runs)"
+        "usage: cargo xtask <task>\n\ntasks:\n  ci                    fmt, clippy, doc, doc tests, all tests (what CI runs)\n  bench-gateway [ARGS]  load benchmark: mock vs hyper proxy vs claude-gateway\n                        (--quick: ~2 minutes; --soak-memory; --help)"
     );
 }
 
@@ -63,6 +69,25 @@ fn has_nextest() -> bool {
         .args(["nextest", "--version"])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// Runs the load generator of claude-benches in a release build, passing `args` on.
+fn bench_gateway(args: &[String]) -> Result<(), ()> {
+    run(
+        "bench-gateway",
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "--locked",
+                "-p",
+                "claude-benches",
+                "--bin",
+                "bench-gateway",
+                "--",
+            ])
+            .args(args),
+    )
 }
 
 fn ci() -> Result<(), ()> {
