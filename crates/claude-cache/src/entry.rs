@@ -53,7 +53,13 @@ impl Head {
         let mut out = HeaderMap::with_capacity(REPLAYED_HEADERS.len());
         for name in REPLAYED_HEADERS {
             for v in headers.get_all(&name) {
-                out.append(name.clone(), v.clone());
+                // Copy the value: a header parsed by hyper is a slice of the connection's
+                // read buffer, and cloning it would keep that whole buffer alive for the
+                // entry's lifetime, unseen by the weigher.
+                if let Ok(mut copy) = http::HeaderValue::from_bytes(v.as_bytes()) {
+                    copy.set_sensitive(v.is_sensitive());
+                    out.append(name.clone(), copy);
+                }
             }
         }
         out
@@ -140,13 +146,22 @@ impl Entry {
     }
 }
 
-/// Body bytes + replayed header bytes + 4 per frame, saturated to `u32`.
+/// The memory an entry costs besides its body, headers and frame index: the entry itself,
+/// its `Arc`, the key, moka's node, the header map's table and the usage report. An estimate
+/// (about 1 KiB, from a memory soak of small answers), counted so that `max_bytes` bounds
+/// what the process really holds even when answers are tiny.
+pub(crate) const ENTRY_OVERHEAD: usize = 1024;
+
+/// Body bytes + replayed header bytes + 4 per frame + [`ENTRY_OVERHEAD`], saturated to `u32`.
 fn weight(body: usize, headers: &HeaderMap, frames: usize) -> u32 {
     let header_bytes: usize = headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len())
         .sum();
-    let w = body.saturating_add(header_bytes).saturating_add(frames * 4);
+    let w = body
+        .saturating_add(header_bytes)
+        .saturating_add(frames * 4)
+        .saturating_add(ENTRY_OVERHEAD);
     u32::try_from(w).unwrap_or(u32::MAX)
 }
 
@@ -228,7 +243,23 @@ mod tests {
         let e = Entry::new(head(), &frames, UsageReport::default());
         let headers =
             "content-type".len() + "text/event-stream".len() + "request-id".len() + "req_1".len();
-        assert_eq!(e.weight as usize, 10 + headers + 4);
+        assert_eq!(e.weight as usize, 10 + headers + 4 + ENTRY_OVERHEAD);
+    }
+
+    #[test]
+    fn replayed_headers_do_not_pin_the_response_buffer() {
+        let buffer = Bytes::from(b"xxxxxxxxtext/event-stream".repeat(100));
+        let value = http::HeaderValue::from_maybe_shared(buffer.slice(8..25)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, value);
+        let kept = Head::replayed_headers(&headers);
+        let v = kept.get(http::header::CONTENT_TYPE).unwrap();
+        assert_eq!(v, "text/event-stream");
+        let range = buffer.as_ptr_range();
+        assert!(
+            !range.contains(&v.as_bytes().as_ptr()),
+            "the value was copied"
+        );
     }
 
     #[test]

@@ -126,7 +126,10 @@
 //! # Memory bound
 //!
 //! [`CacheConfig::max_bytes`] bounds the sum of entry weights: body bytes plus replayed
-//! header bytes plus 4 bytes per frame of the replay index, saturated to `u32`. Entries live
+//! header bytes plus 4 bytes per frame of the replay index plus a fixed 1 KiB per entry for
+//! the entry's own structures (an estimate from a memory soak of small answers), saturated to
+//! `u32`. Nothing stored points into a network buffer: bodies and header values are copied
+//! once when stored, so the weight is what the entry really holds. Entries live
 //! for the configured TTL (per entry, through moka's `Expiry`, so `max-age` can shorten it).
 //! moka evicts by TinyLFU past the bound; as moka has no background threads, eviction runs
 //! during cache operations (or [`CacheHandle::run_pending_tasks`]).
