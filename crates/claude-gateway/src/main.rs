@@ -24,6 +24,10 @@ struct Cli {
     /// Run the claude-mock simulator inside the process and relay to it (no key, no network).
     #[arg(long, conflicts_with = "upstream")]
     mock: bool,
+    /// Tokio worker threads [default: one per CPU; env CLAUDE_GATEWAY_WORKER_THREADS]. On
+    /// machines with 2 vCPUs or fewer, 1 measured less CPU per request (BENCHMARKS.md).
+    #[arg(long, env = "CLAUDE_GATEWAY_WORKER_THREADS")]
+    worker_threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -49,11 +53,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads {
+        builder.worker_threads(n.get());
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("claude-gateway: cannot start the runtime: {e}");
