@@ -31,15 +31,14 @@
 //! is back, the second level works again with no action.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use claude_core::BodyFormat;
+use claude_core::redis::RedisConn;
 use claude_core::scan::scan_all;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::entry::Entry;
 use crate::key::CacheKey;
@@ -49,6 +48,7 @@ use crate::metric_names;
 pub const DEFAULT_PREFIX: &str = "claude-cache:v1:";
 /// The default timeout of each Redis call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+const STORE: &str = "claude-cache: redis second level (passing through)";
 
 const MAGIC: &[u8; 4] = b"CTC1";
 const FLAG_STREAM: u8 = 1;
@@ -66,21 +66,16 @@ const FLAG_MODEL: u8 = 2;
 /// ```
 #[derive(Clone)]
 pub struct RedisCache {
-    client: redis::Client,
+    conn: RedisConn,
     prefix: Arc<str>,
-    timeout: Duration,
-    conn: Arc<OnceLock<Option<ConnectionManager>>>,
-    last_warn: Arc<AtomicU64>,
-    epoch: Instant,
 }
 
 impl fmt::Debug for RedisCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The connection info may hold a password: print the address only.
         f.debug_struct("RedisCache")
-            .field("addr", &self.client.get_connection_info().addr())
+            .field("addr", self.conn.addr())
             .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.conn.timeout())
             .finish_non_exhaustive()
     }
 }
@@ -99,12 +94,8 @@ impl RedisCache {
     /// A second level through `client`.
     pub fn new(client: redis::Client) -> Self {
         Self {
-            client,
+            conn: RedisConn::new(client, STORE, metric_names::REDIS_ERRORS, DEFAULT_TIMEOUT),
             prefix: Arc::from(DEFAULT_PREFIX),
-            timeout: DEFAULT_TIMEOUT,
-            conn: Arc::new(OnceLock::new()),
-            last_warn: Arc::new(AtomicU64::new(0)),
-            epoch: Instant::now(),
         }
     }
 
@@ -119,8 +110,7 @@ impl RedisCache {
     /// that takes longer counts as a failure: a miss for `GET`.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self.conn = Arc::new(OnceLock::new());
+        self.conn = self.conn.with_timeout(timeout);
         self
     }
 
@@ -129,45 +119,17 @@ impl RedisCache {
         format!("{}{key}", self.prefix)
     }
 
-    /// The connection, created on first use (inside the runtime, as redis-rs requires).
-    fn conn(&self) -> Option<ConnectionManager> {
-        self.conn
-            .get_or_init(|| {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                ConnectionManager::new_lazy_with_config(self.client.clone(), cfg)
-                    .map_err(
-                        |e| tracing::warn!(error = %e, "claude-cache: redis connection manager"),
-                    )
-                    .ok()
-            })
-            .clone()
-    }
-
     /// Reads the entry of `key`; `None` on absence or on any failure (counted and logged).
     pub(crate) async fn get(&self, key: &CacheKey, max_entry_bytes: u64) -> Option<Entry> {
-        let mut conn = self.conn()?;
-        let cmd = redis::cmd("GET").arg(self.key(key)).clone();
-        let fut = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
-        let raw = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(raw)) => raw?,
-            Ok(Err(e)) => {
-                self.failed("get", &e);
-                return None;
-            }
-            Err(_) => {
-                self.failed("get", &"timed out");
-                return None;
-            }
-        };
+        let raw: Vec<u8> = self
+            .conn
+            .query::<Option<Vec<u8>>>("get", redis::cmd("GET").arg(self.key(key)))
+            .await??;
         let entry = decode(&raw, max_entry_bytes);
         if entry.is_some() {
             metrics::counter!(metric_names::REDIS_HITS).increment(1);
         } else {
-            self.failed("decode", &"invalid entry");
+            self.conn.failed("decode", &"invalid entry");
         }
         entry
     }
@@ -181,36 +143,11 @@ impl RedisCache {
         if px == 0 {
             return;
         }
-        let Some(mut conn) = self.conn() else {
-            return;
-        };
         let value = encode(entry);
-        let cmd = redis::cmd("SET")
-            .arg(self.key(key))
-            .arg(value.as_ref())
-            .arg("PX")
-            .arg(px)
-            .clone();
-        match tokio::time::timeout(self.timeout, cmd.query_async::<()>(&mut conn)).await {
-            Ok(Ok(())) => metrics::counter!(metric_names::REDIS_STORED).increment(1),
-            Ok(Err(e)) => self.failed("set", &e),
-            Err(_) => self.failed("set", &"timed out"),
-        }
-    }
-
-    fn failed(&self, op: &'static str, error: &dyn fmt::Display) {
-        metrics::counter!(metric_names::REDIS_ERRORS, "op" => op).increment(1);
-        let now = self.epoch.elapsed().as_millis() as u64 + 10_000;
-        let last = self.last_warn.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 10_000
-            && self
-                .last_warn
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(op, %error, "claude-cache: redis second level unavailable, passing through (next warning in 10 s at the earliest)");
-        } else {
-            tracing::debug!(op, %error, "claude-cache: redis second level failed");
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(key)).arg(value.as_ref()).arg("PX").arg(px);
+        if self.conn.query::<()>("set", &cmd).await.is_some() {
+            metrics::counter!(metric_names::REDIS_STORED).increment(1);
         }
     }
 }

@@ -27,7 +27,21 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::de::{self, Visitor};
-use serde::{Deserializer, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What a shared limit (rate limits, budgets kept in Redis) does with a request when its
+/// shared store cannot be reached. Written `"fail_open"` / `"fail_closed"`. A shared cache
+/// has no policy: it always passes through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Decide on the local limits alone, as without the shared store (the default): each
+    /// instance still holds the limits by itself.
+    #[default]
+    FailOpen,
+    /// Refuse the request with a local 429 saying that the shared store is unreachable.
+    FailClosed,
+}
 
 struct DurationVisitor;
 

@@ -13,6 +13,8 @@
 //! - [`RequestMeta`] and [`Tenant`]: what a request is about and who sends it.
 //! - [`Usage`], [`UsageScanner`], [`observe_usage`]: usage from JSON and SSE bodies.
 //! - [`collect_body`] and [`into_full`]: the body adapters at the edges.
+//! - `redis` (feature `redis`): the Redis connection, timeouts and failure policy that the
+//!   shared cache, rate limits and budgets have in common.
 //!
 //! # Example
 //!
@@ -52,6 +54,9 @@ pub mod config;
 mod error;
 pub mod headers;
 mod meta;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod scan;
 mod usage;
 

@@ -61,13 +61,12 @@
 //! reaches the upstream (the tests check it with the mock's counters).
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+pub use claude_core::redis::FailurePolicy;
+use claude_core::redis::RedisConn;
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde::Deserialize;
 
 use crate::budget::{BudgetScope, BudgetWindow};
 
@@ -77,17 +76,7 @@ pub const DEFAULT_PREFIX: &str = "claude-cost:v1:";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Counter, label `op` (`admit`, `settle`, `release`): failed calls to Redis.
 pub const REDIS_ERRORS: &str = "claude_cost_redis_errors_total";
-
-/// What admission does when Redis cannot be reached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailurePolicy {
-    /// The local budgets of the tracker decide (the default).
-    #[default]
-    FailOpen,
-    /// Refuse the request.
-    FailClosed,
-}
+const STORE: &str = "claude-cost: shared budgets";
 
 const ADMIT: &str = r"
 -- KEYS: the windows. ARGV[1]: worst; then per window: limit, expire-at (ms).
@@ -162,14 +151,10 @@ return 0
 /// to [`CostTrackerBuilder::redis`](crate::CostTrackerBuilder::redis).
 #[derive(Clone)]
 pub struct RedisBudgets {
-    client: redis::Client,
+    conn: RedisConn,
     prefix: Arc<str>,
-    timeout: Duration,
     policy: FailurePolicy,
-    conn: Arc<OnceLock<Option<ConnectionManager>>>,
     scripts: Arc<Scripts>,
-    last_warn: Arc<AtomicU64>,
-    epoch: Instant,
 }
 
 struct Scripts {
@@ -180,11 +165,10 @@ struct Scripts {
 
 impl fmt::Debug for RedisBudgets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The connection info may hold a password: print the address only.
         f.debug_struct("RedisBudgets")
-            .field("addr", &self.client.get_connection_info().addr())
+            .field("addr", self.conn.addr())
             .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.conn.timeout())
             .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
@@ -225,18 +209,14 @@ impl RedisBudgets {
     /// Shared budgets through `client`.
     pub fn new(client: redis::Client) -> Self {
         Self {
-            client,
+            conn: RedisConn::new(client, STORE, REDIS_ERRORS, DEFAULT_TIMEOUT),
             prefix: Arc::from(DEFAULT_PREFIX),
-            timeout: DEFAULT_TIMEOUT,
             policy: FailurePolicy::default(),
-            conn: Arc::new(OnceLock::new()),
             scripts: Arc::new(Scripts {
                 admit: Script::new(ADMIT),
                 settle: Script::new(SETTLE),
                 release: Script::new(RELEASE),
             }),
-            last_warn: Arc::new(AtomicU64::new(0)),
-            epoch: Instant::now(),
         }
     }
 
@@ -250,8 +230,7 @@ impl RedisBudgets {
     /// Sets the timeout of every Redis call (default [`DEFAULT_TIMEOUT`], 250 ms).
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self.conn = Arc::new(OnceLock::new());
+        self.conn = self.conn.with_timeout(timeout);
         self
     }
 
@@ -273,49 +252,6 @@ impl RedisBudgets {
         format!("{}{scope}:{window}:{period}", self.prefix)
     }
 
-    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
-        self.conn
-            .get_or_init(|| {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                ConnectionManager::new_lazy_with_config(self.client.clone(), cfg)
-                    .map_err(
-                        |e| tracing::warn!(error = %e, "claude-cost: redis connection manager"),
-                    )
-                    .ok()
-            })
-            .clone()
-            .ok_or_else(|| (redis::ErrorKind::Client, "no connection manager").into())
-    }
-
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Option<T> {
-        let mut conn = match self.conn() {
-            Ok(c) => c,
-            Err(e) => {
-                self.failed(op, &e);
-                return None;
-            }
-        };
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
-                self.failed(op, &e);
-                None
-            }
-            Err(_) => {
-                self.failed(op, &"timed out");
-                None
-            }
-        }
-    }
-
     /// Reserves `worst` in every window, or says which refused; `None` when Redis failed.
     pub(crate) async fn admit(
         &self,
@@ -327,7 +263,7 @@ impl RedisBudgets {
         for w in windows {
             inv.key(&w.key).arg(w.limit).arg(w.expire_at_ms);
         }
-        let reply: Vec<u64> = self.run("admit", inv).await?;
+        let reply: Vec<u64> = self.conn.script("admit", inv).await?;
         match reply.as_slice() {
             [0] => Some(Ok(())),
             &[i, first, spent, reserved] if i >= 1 => Some(Err(SharedRefusal {
@@ -337,7 +273,7 @@ impl RedisBudgets {
                 reserved,
             })),
             _ => {
-                self.failed("admit", &"unexpected reply");
+                self.conn.failed("admit", &"unexpected reply");
                 None
             }
         }
@@ -367,7 +303,7 @@ impl RedisBudgets {
         for k in held {
             inv.key(k);
         }
-        let reply: Vec<u64> = self.run("settle", inv).await?;
+        let reply: Vec<u64> = self.conn.script("settle", inv).await?;
         Some(
             reply
                 .chunks_exact(3)
@@ -389,23 +325,7 @@ impl RedisBudgets {
         for k in held {
             inv.key(k);
         }
-        let _: Option<i64> = self.run("release", inv).await;
-    }
-
-    fn failed(&self, op: &'static str, error: &dyn fmt::Display) {
-        metrics::counter!(REDIS_ERRORS, "op" => op).increment(1);
-        let now = self.epoch.elapsed().as_millis() as u64 + 10_000;
-        let last = self.last_warn.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 10_000
-            && self
-                .last_warn
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(op, %error, policy = ?self.policy, "claude-cost: redis budgets unavailable (next warning in 10 s at the earliest)");
-        } else {
-            tracing::debug!(op, %error, "claude-cost: redis budgets call failed");
-        }
+        let _: Option<i64> = self.conn.script("release", inv).await;
     }
 }
 

@@ -51,14 +51,13 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+pub use claude_core::redis::FailurePolicy;
+use claude_core::redis::RedisConn;
 use claude_core::{Error, ErrorKind};
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde::Deserialize;
 use tokio::time::Instant;
 
 /// The default key prefix.
@@ -67,17 +66,7 @@ pub const DEFAULT_PREFIX: &str = "claude-ratelimit:v1:";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Counter, label `op` (`grant`, `settle`): failed calls to Redis.
 pub const REDIS_ERRORS: &str = "claude_ratelimit_redis_errors_total";
-
-/// What a request does when the shared buckets cannot be reached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailurePolicy {
-    /// Send it on the local admission alone (the default).
-    #[default]
-    FailOpen,
-    /// Refuse it with a local 429.
-    FailClosed,
-}
+const STORE: &str = "claude-ratelimit: shared rate limits";
 
 const GRANT: &str = r"
 -- KEYS: buckets. ARGV: per bucket: capacity, demand, required (milli-units).
@@ -145,23 +134,18 @@ return {0}
 /// to [`RateLimitLayer::redis`](crate::RateLimitLayer::redis).
 #[derive(Clone)]
 pub struct RedisLimits {
-    client: redis::Client,
+    conn: RedisConn,
     prefix: Arc<str>,
-    timeout: Duration,
     policy: FailurePolicy,
-    conn: Arc<OnceLock<Option<ConnectionManager>>>,
     scripts: Arc<(Script, Script)>,
-    last_warn: Arc<AtomicU64>,
-    epoch: std::time::Instant,
 }
 
 impl fmt::Debug for RedisLimits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The connection info may hold a password: print the address only.
         f.debug_struct("RedisLimits")
-            .field("addr", &self.client.get_connection_info().addr())
+            .field("addr", self.conn.addr())
             .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.conn.timeout())
             .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
@@ -206,14 +190,10 @@ impl RedisLimits {
     /// Shared limits through `client`.
     pub fn new(client: redis::Client) -> Self {
         Self {
-            client,
+            conn: RedisConn::new(client, STORE, REDIS_ERRORS, DEFAULT_TIMEOUT),
             prefix: Arc::from(DEFAULT_PREFIX),
-            timeout: DEFAULT_TIMEOUT,
             policy: FailurePolicy::default(),
-            conn: Arc::new(OnceLock::new()),
             scripts: Arc::new((Script::new(GRANT), Script::new(SETTLE))),
-            last_warn: Arc::new(AtomicU64::new(0)),
-            epoch: std::time::Instant::now(),
         }
     }
 
@@ -227,8 +207,7 @@ impl RedisLimits {
     /// Sets the timeout of every Redis call (default [`DEFAULT_TIMEOUT`], 250 ms).
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self.conn = Arc::new(OnceLock::new());
+        self.conn = self.conn.with_timeout(timeout);
         self
     }
 
@@ -250,55 +229,18 @@ impl RedisLimits {
         format!("{}{kind}:{id}", self.prefix)
     }
 
-    fn conn(&self) -> redis::RedisResult<ConnectionManager> {
-        self.conn
-            .get_or_init(|| {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                ConnectionManager::new_lazy_with_config(self.client.clone(), cfg)
-                    .map_err(|e| tracing_warn("connection manager", &e))
-                    .ok()
-            })
-            .clone()
-            .ok_or_else(|| (redis::ErrorKind::Client, "no connection manager").into())
-    }
-
-    async fn invoke(&self, op: &'static str, inv: redis::ScriptInvocation<'_>) -> Option<Vec<i64>> {
-        let mut conn = match self.conn() {
-            Ok(c) => c,
-            Err(e) => {
-                self.failed(op, &e);
-                return None;
-            }
-        };
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
-                self.failed(op, &e);
-                None
-            }
-            Err(_) => {
-                self.failed(op, &format!("no answer within {:?}", self.timeout));
-                None
-            }
-        }
-    }
-
     async fn try_grant(&self, buckets: &[SharedBucket]) -> Option<Reply> {
         let mut inv = self.scripts.0.prepare_invoke();
         for b in buckets {
             inv.key(&b.key).arg(b.cap).arg(b.demand).arg(b.required);
         }
-        match self.invoke("grant", inv).await?.as_slice() {
+        match self.conn.script::<Vec<i64>>("grant", inv).await?.as_slice() {
             [1, _] => Some(Reply::Granted),
             &[0, ms] => Some(Reply::Wait(Duration::from_millis(
                 u64::try_from(ms).unwrap_or(0).max(1),
             ))),
             _ => {
-                self.failed("grant", &"unexpected reply");
+                self.conn.failed("grant", &"unexpected reply");
                 None
             }
         }
@@ -346,26 +288,6 @@ impl RedisLimits {
         for (b, d) in buckets.iter().zip(deltas) {
             inv.key(&b.key).arg(b.cap).arg(*d);
         }
-        let _ = self.invoke("settle", inv).await;
+        let _: Option<Vec<i64>> = self.conn.script("settle", inv).await;
     }
-
-    fn failed(&self, op: &'static str, error: &dyn fmt::Display) {
-        ::metrics::counter!(REDIS_ERRORS, "op" => op).increment(1);
-        let now = self.epoch.elapsed().as_millis() as u64 + 10_000;
-        let last = self.last_warn.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 10_000
-            && self
-                .last_warn
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(op, %error, policy = ?self.policy, "claude-ratelimit: redis limits unavailable (next warning in 10 s at the earliest)");
-        } else {
-            tracing::debug!(op, %error, "claude-ratelimit: redis limits call failed");
-        }
-    }
-}
-
-fn tracing_warn(what: &str, error: &dyn fmt::Display) {
-    tracing::warn!(%error, "claude-ratelimit: redis {what}");
 }

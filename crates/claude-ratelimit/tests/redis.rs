@@ -61,7 +61,11 @@ fn layer(shared: Option<RedisLimits>) -> RateLimitLayer {
         .requests_per_minute(l.requests_per_minute.unwrap())
         .input_tokens_per_minute(l.input_tokens_per_minute.unwrap())
         .output_tokens_per_minute(l.output_tokens_per_minute.unwrap())
-        .max_wait(Duration::from_secs(60));
+        .max_wait(Duration::from_secs(60))
+        // The time between a grant and the mock counting the request is the margin the
+        // buckets keep: generous, because two loaded cores can delay a request by far more
+        // than the default 100 ms, and the mock then sees a burst the grants had spread.
+        .safety_margin(Duration::from_secs(2));
     match shared {
         Some(s) => layer.redis(s),
         None => layer,

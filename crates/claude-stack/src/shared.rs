@@ -51,16 +51,11 @@ impl fmt::Debug for RedisUrl {
     }
 }
 
-/// What the rate limiter and the budgets do while Redis is unreachable.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RedisOnFailure {
-    /// Fall back to each instance's local limits and budgets (the default).
-    #[default]
-    FailOpen,
-    /// Refuse requests (a 429 from the limiter, `BudgetExceeded` from the budgets).
-    FailClosed,
-}
+/// What the rate limiter and the budgets do while Redis is unreachable: `fail_open` (the
+/// default) falls back to each instance's local limits and budgets, `fail_closed` refuses
+/// requests (a 429 from the limiter, `BudgetExceeded` from the budgets). The one policy type
+/// of the workspace, [`claude_core::config::FailurePolicy`].
+pub type RedisOnFailure = claude_core::config::FailurePolicy;
 
 #[cfg(test)]
 mod tests {

@@ -292,20 +292,10 @@ impl Redis {
         let cache = claude_cache::RedisCache::open(url.expose()).map_err(|e| bad(&e))?;
         let limits = claude_ratelimit::RedisLimits::open(url.expose()).map_err(|e| bad(&e))?;
         let budgets = claude_cost::RedisBudgets::open(url.expose()).map_err(|e| bad(&e))?;
-        let (limits_policy, budgets_policy) = match on_failure {
-            RedisOnFailure::FailOpen => (
-                claude_ratelimit::FailurePolicy::FailOpen,
-                claude_cost::FailurePolicy::FailOpen,
-            ),
-            RedisOnFailure::FailClosed => (
-                claude_ratelimit::FailurePolicy::FailClosed,
-                claude_cost::FailurePolicy::FailClosed,
-            ),
-        };
         Ok(Self {
             cache,
-            limits: limits.policy(limits_policy),
-            budgets: budgets.policy(budgets_policy),
+            limits: limits.policy(on_failure),
+            budgets: budgets.policy(on_failure),
         })
     }
 }
