@@ -36,6 +36,78 @@ impl KeyScope {
     }
 }
 
+impl KeyScope {
+    /// The name of the scope as written in a configuration (`"tenant_and_model_family"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Global => "global",
+            Self::Tenant => "tenant",
+            Self::ModelFamily => "model_family",
+            Self::TenantAndModelFamily => "tenant_and_model_family",
+        }
+    }
+}
+
+/// Further limits over another [`KeyScope`] than the layer's own
+/// ([`RateLimitConfig::scopes`]): for example 50 RPM per tenant and model family (the
+/// layer's scope) and, at the same time, 4,000 RPM per model family for the whole
+/// organisation. A request passes only when every scope it touches holds it: all or
+/// nothing, never charging one scope for a request another refused.
+///
+/// ```
+/// use claude_ratelimit::{KeyScope, RateLimitConfig};
+///
+/// # fn main() -> Result<(), serde_json::Error> {
+/// let config: RateLimitConfig = serde_json::from_str(r#"{
+///     "requests_per_minute": 50,
+///     "scopes": [
+///         { "scope": "model_family", "requests_per_minute": 4000, "input_tokens_per_minute": 2000000 },
+///         { "scope": "global", "requests_per_minute": 10000 }
+///     ]
+/// }"#)?;
+/// assert_eq!(config.scopes[0].scope, KeyScope::ModelFamily);
+/// assert!(config.validate().is_ok());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeLimits {
+    /// What these buckets are shared by. Must differ from the layer's own scope and from
+    /// the other entries'.
+    pub scope: KeyScope,
+    /// Requests per minute per key of this scope. Default `None`: unlimited.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Input tokens per minute per key of this scope. Default `None`: unlimited.
+    #[serde(default)]
+    pub input_tokens_per_minute: Option<u64>,
+    /// Output tokens per minute per key of this scope. Default `None`: unlimited.
+    #[serde(default)]
+    pub output_tokens_per_minute: Option<u64>,
+}
+
+impl ScopeLimits {
+    /// No limit yet over `scope` (set the fields).
+    pub const fn new(scope: KeyScope) -> Self {
+        Self {
+            scope,
+            requests_per_minute: None,
+            input_tokens_per_minute: None,
+            output_tokens_per_minute: None,
+        }
+    }
+
+    /// The three limits, in the order requests, input, output.
+    pub(crate) const fn limits(&self) -> [Option<u64>; 3] {
+        [
+            self.requests_per_minute,
+            self.input_tokens_per_minute,
+            self.output_tokens_per_minute,
+        ]
+    }
+}
+
 /// The configuration of a [`RateLimitLayer`](crate::RateLimitLayer).
 ///
 /// Every field has a default (below), so a config file names only what it changes; unknown
@@ -112,6 +184,15 @@ pub struct RateLimitConfig {
     /// impose on a key. Default 60 s.
     #[serde(with = "claude_core::config::duration")]
     pub max_pause: Duration,
+    /// Further limits over other scopes, checked together with the key's own: a request
+    /// the key's buckets admitted (after its turn in the key's queue) must also be granted
+    /// by the buckets of every scope listed here, all at once, or it waits (holding its
+    /// admission) until they would hold it, at most `max_wait`, and is then refused with
+    /// `QueueTimeout`. With Redis, the key's buckets and these are granted in one atomic
+    /// script. Settled like the key's buckets. The server's `anthropic-ratelimit-*`
+    /// figures correct the key's buckets only. Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<ScopeLimits>,
 }
 
 impl Default for RateLimitConfig {
@@ -128,6 +209,7 @@ impl Default for RateLimitConfig {
             follow_server: true,
             safety_margin: Duration::from_millis(100),
             max_pause: Duration::from_secs(60),
+            scopes: Vec::new(),
         }
     }
 }
@@ -138,24 +220,46 @@ impl Default for RateLimitConfig {
 pub struct ConfigError(String);
 
 impl RateLimitConfig {
-    /// Checks the values: limits at least 1, a finite non-negative reservation ratio.
+    /// Checks the values: limits at least 1, a finite non-negative reservation ratio,
+    /// further scopes distinct and each with a limit.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (name, value) in [
-            ("requests_per_minute", self.requests_per_minute),
-            ("input_tokens_per_minute", self.input_tokens_per_minute),
-            ("output_tokens_per_minute", self.output_tokens_per_minute),
-            (
-                "max_concurrent_requests",
-                self.max_concurrent_requests.map(u64::from),
-            ),
-        ] {
-            if value == Some(0) {
+        check_limits(
+            "",
+            &[
+                ("requests_per_minute", self.requests_per_minute),
+                ("input_tokens_per_minute", self.input_tokens_per_minute),
+                ("output_tokens_per_minute", self.output_tokens_per_minute),
+                (
+                    "max_concurrent_requests",
+                    self.max_concurrent_requests.map(u64::from),
+                ),
+            ],
+        )?;
+        for (i, extra) in self.scopes.iter().enumerate() {
+            let at = format!("scopes[{i}].");
+            let [rpm, itpm, otpm] = extra.limits();
+            check_limits(
+                &at,
+                &[
+                    ("requests_per_minute", rpm),
+                    ("input_tokens_per_minute", itpm),
+                    ("output_tokens_per_minute", otpm),
+                ],
+            )?;
+            if extra.limits().iter().all(Option::is_none) {
                 return Err(ConfigError(format!(
-                    "`{name}` must be at least 1 (leave it out for no limit)"
+                    "`{at}scope` (\"{}\") sets no limit: give it requests_per_minute, \
+                     input_tokens_per_minute or output_tokens_per_minute, or remove it",
+                    extra.scope.name()
                 )));
             }
-            if value.is_some_and(|v| v > MAX_LIMIT) {
-                return Err(ConfigError(format!("`{name}` must be at most {MAX_LIMIT}")));
+            if extra.scope == self.scope || self.scopes[..i].iter().any(|e| e.scope == extra.scope)
+            {
+                return Err(ConfigError(format!(
+                    "`{at}scope`: the scope \"{}\" is already limited (each scope may \
+                     appear once, and not again as the layer's own `scope`)",
+                    extra.scope.name()
+                )));
             }
         }
         if !self.output_reservation_ratio.is_finite() || self.output_reservation_ratio < 0.0 {
@@ -165,6 +269,22 @@ impl RateLimitConfig {
         }
         Ok(())
     }
+}
+
+fn check_limits(at: &str, values: &[(&str, Option<u64>)]) -> Result<(), ConfigError> {
+    for (name, value) in values {
+        if *value == Some(0) {
+            return Err(ConfigError(format!(
+                "`{at}{name}` must be at least 1 (leave it out for no limit)"
+            )));
+        }
+        if value.is_some_and(|v| v > MAX_LIMIT) {
+            return Err(ConfigError(format!(
+                "`{at}{name}` must be at most {MAX_LIMIT}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The largest limit accepted (a trillion per minute): keeps the fixed-point arithmetic far
@@ -212,10 +332,48 @@ mod tests {
     }
 
     #[test]
+    fn further_scopes_are_checked() {
+        let c: RateLimitConfig =
+            serde_json::from_str(r#"{"scopes": [{"scope": "global", "requests_per_minute": 10}]}"#)
+                .unwrap();
+        assert!(c.validate().is_ok());
+        for (text, needle) in [
+            (r#"{"scopes": [{"scope": "global"}]}"#, "sets no limit"),
+            (
+                r#"{"scopes": [{"scope": "global", "requests_per_minute": 0}]}"#,
+                "scopes[0].requests_per_minute",
+            ),
+            (
+                r#"{"scopes": [{"scope": "tenant_and_model_family", "requests_per_minute": 5}]}"#,
+                "already limited",
+            ),
+            (
+                r#"{"scopes": [{"scope": "global", "requests_per_minute": 5},
+                              {"scope": "global", "requests_per_minute": 6}]}"#,
+                "scopes[1].scope",
+            ),
+        ] {
+            let c: RateLimitConfig = serde_json::from_str(text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        assert!(
+            serde_json::from_str::<RateLimitConfig>(
+                r#"{"scopes": [{"scope": "global", "rpm": 1}]}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
     fn round_trips_through_serde() {
         let c = RateLimitConfig {
             requests_per_minute: Some(50),
             max_wait: Duration::from_millis(2500),
+            scopes: vec![ScopeLimits {
+                input_tokens_per_minute: Some(9000),
+                ..ScopeLimits::new(KeyScope::Global)
+            }],
             ..RateLimitConfig::default()
         };
         let text = serde_json::to_string(&c).unwrap();

@@ -15,12 +15,7 @@ use tower_service::Service;
 use crate::limiter::Ticket;
 use crate::queue::Acquire;
 
-#[cfg(feature = "redis")]
-type GrantFuture = crate::redis::Grant;
-
-/// Never built without the `redis` feature.
-#[cfg(not(feature = "redis"))]
-struct GrantFuture(std::convert::Infallible);
+type GrantFuture = crate::grant::Grant;
 
 pin_project! {
     #[project = StateProj]
@@ -30,7 +25,7 @@ pin_project! {
         // Queued: `service` is the ready service `call` took (the one `poll_ready` drove),
         // called once the wait ends.
         Waiting { acquire: Acquire, service: Option<S>, request: Option<Request<Bytes>> },
-        // Admitted locally, asking the shared buckets for the grant (feature `redis`).
+        // Admitted by the key's buckets, asking the further scopes' or shared buckets.
         Granting {
             grant: GrantFuture,
             ticket: Option<Ticket>,
@@ -83,16 +78,9 @@ where
         }
     }
 
-    /// A locally admitted call that must also obtain the shared grant before `service`
-    /// is called.
-    #[cfg(feature = "redis")]
-    pub(crate) fn granting(
-        limiter: &crate::limiter::Limiter,
-        ticket: Ticket,
-        mut service: S,
-        request: Request<Bytes>,
-    ) -> Self {
-        match limiter.shared_grant(&ticket) {
+    /// A locally admitted call that must also obtain a grant before `service` is called.
+    pub(crate) fn granting(ticket: Ticket, mut service: S, request: Request<Bytes>) -> Self {
+        match ticket.grant() {
             Some(grant) => Self {
                 state: State::Granting {
                     grant,
@@ -177,8 +165,7 @@ where
                     else {
                         return Poll::Ready(Err(internal("rate-limit future lost its request")));
                     };
-                    #[cfg(feature = "redis")]
-                    if let Some(grant) = ticket.shared_grant() {
+                    if let Some(grant) = ticket.grant() {
                         this.state.set(State::Granting {
                             grant,
                             ticket: Some(ticket),
@@ -193,9 +180,6 @@ where
                         ticket: Some(ticket),
                     });
                 }
-                #[cfg(not(feature = "redis"))]
-                StateProj::Granting { grant, .. } => match grant.0 {},
-                #[cfg(feature = "redis")]
                 StateProj::Granting {
                     grant,
                     ticket,

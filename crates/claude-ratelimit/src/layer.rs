@@ -133,6 +133,17 @@ impl RateLimitLayer {
         self.with(|c| c.scope = scope)
     }
 
+    /// Adds further limits over another scope, granted together with the key's own (see
+    /// [`RateLimitConfig::scopes`]).
+    ///
+    /// # Panics
+    ///
+    /// When the limits are invalid: no limit, a limit of 0, or a scope already limited.
+    #[must_use]
+    pub fn scope_limits(self, limits: crate::ScopeLimits) -> Self {
+        self.with(|c| c.scopes.push(limits))
+    }
+
     /// The share of `max_tokens` reserved from the output bucket.
     ///
     /// # Panics
@@ -262,11 +273,10 @@ where
             Err(e) => return ResponseFuture::rejected(e),
         };
         match self.limiter.begin(demand) {
-            #[cfg(feature = "redis")]
-            Begin::Admitted(ticket) if self.limiter.shared.is_some() => {
+            Begin::Admitted(ticket) if self.limiter.grants() => {
                 let clone = self.inner.clone();
                 let service = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::granting(&self.limiter, ticket, service, request)
+                ResponseFuture::granting(ticket, service, request)
             }
             Begin::Admitted(ticket) => ResponseFuture::calling(self.inner.call(request), ticket),
             Begin::Queued(acquire) => {

@@ -140,9 +140,19 @@
 //! 100,000 tenants holds the recently active ones only. [`RateLimitLayer::evict_idle`]
 //! sweeps everything at once.
 //!
+//! **Further scopes** ([`RateLimitConfig::scopes`], [`RateLimitLayer::scope_limits`]): limits
+//! over other scopes than the key's, for example 50 RPM per tenant and model family and, at
+//! once, the organisation's 4,000 RPM per model family. A request the key's buckets admitted
+//! (after its turn in the key's queue) must also be granted by every further scope's
+//! buckets, all at once or not at all; until they hold it, it waits (keeping its admission
+//! and concurrency slot) as long as `max_wait` allows, and is then refused with
+//! `QueueTimeout`. Waiters of different keys are not ordered among themselves at a further
+//! scope. Settled like the key's buckets.
+//!
 //! **Several instances** (feature `redis`): with `RateLimitLayer::redis`, a locally
-//! admitted request must also obtain an atomic grant from buckets shared in Redis, so
-//! several gateways hold one limit together; see the `redis` module.
+//! admitted request must also obtain an atomic grant from buckets shared in Redis (its
+//! key's and every further scope's, in one script), so several gateways hold one limit
+//! together; see the `redis` module.
 //!
 //! **Metrics**: see [`metrics`] (queue depth, wait time, rejections by
 //! reason, tokens available; never labelled by tenant).
@@ -162,6 +172,7 @@
 mod bucket;
 mod config;
 pub mod future;
+mod grant;
 mod layer;
 mod limiter;
 pub mod metrics;
@@ -172,7 +183,7 @@ pub mod redis;
 #[cfg(test)]
 mod tests;
 
-pub use config::{ConfigError, KeyScope, RateLimitConfig};
+pub use config::{ConfigError, KeyScope, RateLimitConfig, ScopeLimits};
 pub use layer::{RateLimit, RateLimitLayer};
 pub use limiter::{BucketSnapshot, KeySnapshot};
 pub use metrics::describe_metrics;

@@ -19,7 +19,8 @@ use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 
 use crate::bucket::{Bucket, MILLI};
-use crate::config::RateLimitConfig;
+use crate::config::{KeyScope, RateLimitConfig};
+use crate::grant::{Grant, GrantBucket, Hold, ScopeBuckets};
 use crate::metrics;
 use crate::queue::Acquire;
 
@@ -59,7 +60,6 @@ pub(crate) struct Key {
 impl Key {
     /// An unambiguous id for shared state: the family with its length, then the tenant
     /// (`-` for a part the scope leaves out).
-    #[cfg(feature = "redis")]
     pub(crate) fn shared_id(&self) -> String {
         let family = self
             .family
@@ -73,35 +73,29 @@ impl Key {
     }
 }
 
-/// The configuration, validated, with the figures the hot path needs precomputed.
-#[derive(Debug)]
-pub(crate) struct Settings {
-    pub(crate) config: RateLimitConfig,
+/// The three buckets of one scope: limits, and capacities and safety margins in
+/// milli-units.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Buckets {
     limits: [Option<u64>; 3],
     caps: [i64; 3],
     margins: [i64; 3],
 }
 
-impl Settings {
-    pub(crate) fn new(config: RateLimitConfig) -> Self {
-        let limits = [
-            config.requests_per_minute,
-            config.input_tokens_per_minute,
-            config.output_tokens_per_minute,
-        ];
+impl Buckets {
+    fn new(limits: [Option<u64>; 3], safety_margin: Duration) -> Self {
         let mut caps = [0; 3];
         let mut margins = [0; 3];
         for k in 0..3 {
             if let Some(limit) = limits[k] {
                 caps[k] = tokens(limit);
                 let margin = (caps[k] as u128)
-                    .saturating_mul(config.safety_margin.as_nanos())
+                    .saturating_mul(safety_margin.as_nanos())
                     .div_ceil(60_000_000_000);
                 margins[k] = i64::try_from(margin).unwrap_or(caps[k]).min(caps[k]);
             }
         }
         Self {
-            config,
             limits,
             caps,
             margins,
@@ -115,6 +109,65 @@ impl Settings {
     pub(crate) fn required(&self, k: usize, demand: i64) -> i64 {
         let margin = self.margins[k].min((self.caps[k] - demand).max(0));
         (demand + margin).max(1)
+    }
+
+    /// The grant buckets of `demand` (each capped at its bucket's capacity), with ids
+    /// from `id(kind name)`.
+    fn grant(&self, demand: &Amounts, id: impl Fn(&str) -> String) -> Vec<GrantBucket> {
+        (0..3)
+            .filter(|&k| self.limits[k].is_some())
+            .map(|k| {
+                let amount = demand[k].min(self.caps[k]);
+                GrantBucket {
+                    kind: k,
+                    key: id(KIND_NAMES[k]),
+                    cap: self.caps[k],
+                    demand: amount,
+                    required: self.required(k, amount),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The configuration, validated, with the figures the hot path needs precomputed.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) config: RateLimitConfig,
+    own: Buckets,
+    /// The further scopes ([`RateLimitConfig::scopes`]).
+    extra: Vec<(KeyScope, Buckets)>,
+    limits: [Option<u64>; 3],
+    caps: [i64; 3],
+}
+
+impl Settings {
+    pub(crate) fn new(config: RateLimitConfig) -> Self {
+        let own = Buckets::new(
+            [
+                config.requests_per_minute,
+                config.input_tokens_per_minute,
+                config.output_tokens_per_minute,
+            ],
+            config.safety_margin,
+        );
+        let extra = config
+            .scopes
+            .iter()
+            .map(|s| (s.scope, Buckets::new(s.limits(), config.safety_margin)))
+            .collect();
+        Self {
+            config,
+            limits: own.limits,
+            caps: own.caps,
+            own,
+            extra,
+        }
+    }
+
+    /// See [`Buckets::required`] (the key's own buckets).
+    pub(crate) fn required(&self, k: usize, demand: i64) -> i64 {
+        self.own.required(k, demand)
     }
 }
 
@@ -425,6 +478,8 @@ pub(crate) enum Begin {
 #[derive(Debug, Clone)]
 pub(crate) struct Demand {
     pub(crate) key: Key,
+    /// The keys of the further scopes, in the order of [`Settings::extra`].
+    pub(crate) extra: Vec<Key>,
     pub(crate) amounts: Amounts,
     /// Haiku 3 and 3.5 count cache reads toward ITPM (API reference §1.2).
     pub(crate) counts_cache_reads: bool,
@@ -440,6 +495,8 @@ pub(crate) struct Limiter {
     hasher: RandomState,
     calls: AtomicU64,
     family_labels: Mutex<HashSet<Arc<str>>>,
+    /// The local buckets of the further scopes.
+    scopes: Arc<ScopeBuckets>,
     /// The shared buckets in Redis, if any.
     #[cfg(feature = "redis")]
     pub(crate) shared: Option<crate::redis::RedisLimits>,
@@ -480,28 +537,67 @@ impl Limiter {
             hasher: RandomState::new(),
             calls: AtomicU64::new(0),
             family_labels: Mutex::new(HashSet::new()),
+            scopes: Arc::new(ScopeBuckets::default()),
             #[cfg(feature = "redis")]
             shared: None,
         }
     }
 
-    /// The grant a locally admitted call must also obtain from the shared buckets; `None`
-    /// without them.
-    #[cfg(feature = "redis")]
-    pub(crate) fn shared_grant(&self, ticket: &Ticket) -> Option<crate::redis::Grant> {
-        let shared = self.shared.as_ref()?;
-        let id = ticket.key.shared_id();
-        let buckets = (0..3)
-            .filter(|&k| self.settings.limits[k].is_some())
-            .map(|k| crate::redis::SharedBucket {
-                kind: k,
-                key: shared.key(KIND_NAMES[k], &id),
-                cap: self.settings.caps[k],
-                demand: ticket.reserved[k],
-                required: self.settings.required(k, ticket.reserved[k]),
-            })
+    /// Whether a locally admitted call must also obtain a grant (further scopes, or
+    /// shared buckets).
+    pub(crate) fn grants(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if self.shared.is_some() {
+            return true;
+        }
+        !self.settings.extra.is_empty()
+    }
+
+    /// The grant a locally admitted call must also obtain from the further scopes' buckets
+    /// and the shared buckets; `None` when there are neither.
+    pub(crate) fn grant(&self, ticket: &Ticket) -> Option<Grant> {
+        let max_wait = self.settings.config.max_wait;
+        let extra_id = |i: usize, kind: &str| {
+            let (scope, _) = &self.settings.extra[i];
+            format!("{kind}:{}/{}", scope.name(), ticket.extra[i].shared_id())
+        };
+        let local: Vec<GrantBucket> = self
+            .settings
+            .extra
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, b))| b.grant(&ticket.reserved, |kind| extra_id(i, kind)))
             .collect();
-        Some(shared.grant(buckets, self.settings.config.max_wait))
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            let id = ticket.key.shared_id();
+            let mut buckets = self
+                .settings
+                .own
+                .grant(&ticket.reserved, |kind| shared.key(kind, &id));
+            buckets.extend(local.iter().map(|b| GrantBucket {
+                key: shared.prefixed(&b.key),
+                ..b.clone()
+            }));
+            let redis = shared.clone().grant(buckets, max_wait);
+            let store = Arc::clone(&self.scopes);
+            return Some(Box::pin(async move {
+                match redis.await? {
+                    Some(hold) => Ok(Some(Hold::Redis(Box::new(hold)))),
+                    None if local.is_empty() => Ok(None),
+                    // Redis unreachable, fail open: the local buckets of the further scopes.
+                    None => crate::grant::local(store, local, max_wait).await,
+                }
+            }));
+        }
+        if local.is_empty() {
+            return None;
+        }
+        Some(Box::pin(crate::grant::local(
+            Arc::clone(&self.scopes),
+            local,
+            max_wait,
+        )))
     }
 
     pub(crate) fn config(&self) -> &RateLimitConfig {
@@ -510,7 +606,11 @@ impl Limiter {
 
     /// The key of a tenant and model under the configured scope.
     pub(crate) fn key(&self, tenant: &Tenant, model: Option<&Arc<str>>) -> Key {
-        let scope = self.settings.config.scope;
+        Self::key_in(self.settings.config.scope, tenant, model)
+    }
+
+    /// The key of a tenant and model under `scope`.
+    fn key_in(scope: KeyScope, tenant: &Tenant, model: Option<&Arc<str>>) -> Key {
         let family = scope.has_model_family().then(|| {
             let family = model.map_or("unknown", |m| claude_core::model_family(m));
             match model {
@@ -561,9 +661,31 @@ impl Limiter {
                 ),
             ));
         }
+        for (scope, b) in &self.settings.extra {
+            if let Some(limit) = b.limits[INPUT]
+                && input > limit
+            {
+                metrics::rejected("never_fits");
+                return Err(Error::new(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "local rate limit: this request needs an estimated {input} input \
+                         tokens, more than the {limit} input tokens per minute this gateway \
+                         allows per {} scope, so it can never be sent; shorten the prompt",
+                        scope.name()
+                    ),
+                ));
+            }
+        }
         let family = meta.model_family();
         Ok(Demand {
             key: self.key(tenant, meta.model.as_ref()),
+            extra: self
+                .settings
+                .extra
+                .iter()
+                .map(|(scope, _)| Self::key_in(*scope, tenant, meta.model.as_ref()))
+                .collect(),
             amounts: [MILLI, tokens(input), output],
             counts_cache_reads: counts_cache_reads(family),
         })
@@ -834,11 +956,11 @@ pub(crate) struct Ticket {
     counts_cache_reads: bool,
     outcome: Outcome,
     settled: bool,
-    #[cfg(feature = "redis")]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     key: Key,
-    /// The grant of the shared buckets, settled there too.
-    #[cfg(feature = "redis")]
-    hold: Option<Box<crate::redis::Hold>>,
+    extra: Vec<Key>,
+    /// The grant of the further scopes' or shared buckets, settled there too.
+    hold: Option<Box<Hold>>,
 }
 
 impl Ticket {
@@ -856,27 +978,23 @@ impl Ticket {
             counts_cache_reads: demand.counts_cache_reads,
             outcome: Outcome::NoResponse,
             settled: false,
-            #[cfg(feature = "redis")]
             key: demand.key.clone(),
-            #[cfg(feature = "redis")]
+            extra: demand.extra.clone(),
             hold: None,
         }
     }
 
-    /// The grant this call must also obtain from the shared buckets, if there are any.
-    #[cfg(feature = "redis")]
-    pub(crate) fn shared_grant(&self) -> Option<crate::redis::Grant> {
-        self.limiter.shared_grant(self)
+    /// The grant this call must also obtain, if any (see [`Limiter::grant`]).
+    pub(crate) fn grant(&self) -> Option<Grant> {
+        self.limiter.grant(self)
     }
 
-    /// Attaches the grant of the shared buckets.
-    #[cfg(feature = "redis")]
-    pub(crate) fn attach(&mut self, hold: Option<crate::redis::Hold>) {
+    /// Attaches the grant obtained.
+    pub(crate) fn attach(&mut self, hold: Option<Hold>) {
         self.hold = hold.map(Box::new);
     }
 
     /// Gives everything back: the call was refused before it was sent.
-    #[cfg(feature = "redis")]
     pub(crate) fn abandon(mut self) {
         self.finish(&[0; 3]);
     }
@@ -956,18 +1074,8 @@ impl Ticket {
             return;
         }
         self.settled = true;
-        #[cfg(feature = "redis")]
         if let Some(hold) = self.hold.take() {
-            let deltas: Vec<i64> = hold
-                .buckets
-                .iter()
-                .map(|b| self.reserved[b.kind] - finals[b.kind])
-                .collect();
-            if deltas.iter().any(|d| *d != 0)
-                && let Ok(rt) = tokio::runtime::Handle::try_current()
-            {
-                rt.spawn(async move { hold.redis.settle(&hold.buckets, &deltas).await });
-            }
+            hold.settle(finals);
         }
         let mut inner = lock(&self.state.inner);
         inner.refill(Instant::now());

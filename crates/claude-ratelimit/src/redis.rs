@@ -26,14 +26,21 @@
 //!   reservation and the usage, by the same rules as locally, on a task of its own.
 //!
 //! The local buckets keep the same limits: an instance never exceeds the limits alone, and
-//! they are the fallback. A request waiting for its grant holds its local admission (and
+//! they are the fallback (the further scopes' too: with Redis unreachable and the fail-open
+//! policy, a request is granted by the instance's local buckets of those scopes). A request waiting for its grant holds its local admission (and
 //! its concurrency slot, with `max_concurrent_requests`) meanwhile.
 //!
-//! Scope: the buckets are those of the request's key under
-//! [`KeyScope`](crate::KeyScope), as locally (one key per request: tenant and model family
-//! by default). The script takes any number of buckets, so a request could be checked
-//! against several scopes at once, but the layer has one scope, as the local limiter. Server figures (`anthropic-ratelimit-*` headers, a 429's pause)
-//! correct the local buckets only.
+//! Scopes: the grant covers the buckets of the request's key under the layer's
+//! [`KeyScope`](crate::KeyScope) (tenant and model family by default) **and** those of every
+//! further scope of [`RateLimitConfig::scopes`](crate::RateLimitConfig::scopes) (say, the
+//! model family for the whole organisation, and a global cap), in the same script: a
+//! request is charged in all of them or in none. A further scope's bucket is
+//! `{prefix}{kind}:{scope}/{family}:{tenant}`.
+//!
+//! Server figures (`anthropic-ratelimit-*` headers, a 429's pause) correct the local
+//! buckets of the instance that received them; the shared buckets follow the configured
+//! limits. (Each instance's local buckets stay under the server's figures, and the server
+//! counts every instance, so a low `remaining` slows every instance that sees it.)
 //!
 //! # When Redis is unreachable
 //!
@@ -49,8 +56,6 @@
 //! [`RateLimitLayer::redis`]: crate::RateLimitLayer::redis
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +64,8 @@ use claude_core::redis::RedisConn;
 use claude_core::{Error, ErrorKind};
 use redis::Script;
 use tokio::time::Instant;
+
+use crate::grant::GrantBucket;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "claude-ratelimit:v1:";
@@ -83,7 +90,7 @@ for i = 1, #KEYS do
   if level == nil or ts == nil then
     level = cap
   elseif now > ts then
-    level = math.min(cap, level + math.min(now - ts, 60000000) * cap / 60000000)
+    level = math.min(cap, level + (now - ts) * cap / 60000000)
   end
   levels[i] = level
   if level < required then
@@ -116,7 +123,7 @@ for i = 1, #KEYS do
   if level == nil or ts == nil then
     level = cap
   elseif now > ts then
-    level = math.min(cap, level + math.min(now - ts, 60000000) * cap / 60000000)
+    level = math.min(cap, level + (now - ts) * cap / 60000000)
   end
   level = math.min(cap, level + delta)
   if level >= cap then
@@ -151,26 +158,29 @@ impl fmt::Debug for RedisLimits {
     }
 }
 
-/// One bucket of a grant: its Redis key, capacity, demand and the level it must hold.
-#[derive(Debug, Clone)]
-pub(crate) struct SharedBucket {
-    pub(crate) kind: usize,
-    pub(crate) key: String,
-    pub(crate) cap: i64,
-    pub(crate) demand: i64,
-    pub(crate) required: i64,
-}
-
 /// A grant obtained in Redis: what to settle there.
 #[derive(Debug)]
 pub(crate) struct Hold {
-    pub(crate) redis: RedisLimits,
-    pub(crate) buckets: Vec<SharedBucket>,
+    redis: RedisLimits,
+    buckets: Vec<GrantBucket>,
 }
 
-/// The future of a grant: `Some` when granted in Redis, `None` when the policy let the
-/// request go on its local admission.
-pub(crate) type Grant = Pin<Box<dyn Future<Output = Result<Option<Hold>, Error>> + Send>>;
+impl Hold {
+    /// Refunds (or charges) each bucket the difference between its demand and `finals`, on
+    /// a task of its own (nothing when nothing changes, or outside a runtime).
+    pub(crate) fn settle(self, finals: &[i64; 3]) {
+        let deltas: Vec<i64> = self
+            .buckets
+            .iter()
+            .map(|b| b.demand - finals[b.kind])
+            .collect();
+        if deltas.iter().any(|d| *d != 0)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move { self.redis.settle(&self.buckets, &deltas).await });
+        }
+    }
+}
 
 enum Reply {
     Granted,
@@ -229,7 +239,12 @@ impl RedisLimits {
         format!("{}{kind}:{id}", self.prefix)
     }
 
-    async fn try_grant(&self, buckets: &[SharedBucket]) -> Option<Reply> {
+    /// The Redis key of the bucket whose local id is `id` (`{kind}:{scope}/{key id}`).
+    pub(crate) fn prefixed(&self, id: &str) -> String {
+        format!("{}{id}", self.prefix)
+    }
+
+    async fn try_grant(&self, buckets: &[GrantBucket]) -> Option<Reply> {
         let mut inv = self.scripts.0.prepare_invoke();
         for b in buckets {
             inv.key(&b.key).arg(b.cap).arg(b.demand).arg(b.required);
@@ -247,10 +262,15 @@ impl RedisLimits {
     }
 
     /// Obtains the grant of `buckets`, waiting as the script says, until `max_wait` has
-    /// passed.
-    pub(crate) fn grant(&self, buckets: Vec<SharedBucket>, max_wait: Duration) -> Grant {
-        let redis = self.clone();
-        Box::pin(async move {
+    /// passed. `Ok(None)` when Redis failed under the fail-open policy: the caller falls
+    /// back to its local buckets.
+    pub(crate) async fn grant(
+        self,
+        buckets: Vec<GrantBucket>,
+        max_wait: Duration,
+    ) -> Result<Option<Hold>, Error> {
+        let redis = self;
+        {
             if buckets.is_empty() {
                 return Ok(None);
             }
@@ -279,11 +299,11 @@ impl RedisLimits {
                     }
                 }
             }
-        })
+        }
     }
 
     /// Refunds (or charges) `deltas` (per bucket of the hold, milli-units).
-    pub(crate) async fn settle(&self, buckets: &[SharedBucket], deltas: &[i64]) {
+    async fn settle(&self, buckets: &[GrantBucket], deltas: &[i64]) {
         let mut inv = self.scripts.1.prepare_invoke();
         for (b, d) in buckets.iter().zip(deltas) {
             inv.key(&b.key).arg(b.cap).arg(*d);

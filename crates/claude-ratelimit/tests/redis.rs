@@ -8,10 +8,12 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use claude_core::{BoxError, Error, ErrorKind, FullBodyService};
+use claude_core::{BoxError, Error, ErrorKind, FullBodyService, Tenant};
 use claude_mock::redis_server::RedisServer;
 use claude_mock::{Limits, MockServer};
-use claude_ratelimit::{FailurePolicy, RateLimit, RateLimitLayer, RedisLimits};
+use claude_ratelimit::{
+    FailurePolicy, KeyScope, RateLimit, RateLimitLayer, RedisLimits, ScopeLimits,
+};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -88,10 +90,23 @@ async fn complete(svc: &mut Svc, req: Request<Bytes>) -> Result<u16, BoxError> {
 
 /// 200 concurrent tasks on each of the two services; returns the statuses.
 async fn hammer(a: &Svc, b: &Svc, url: &str) -> Vec<u16> {
+    hammer_as(a, b, url, None).await
+}
+
+/// [`hammer`], with the requests to `a` from tenant `a` and those to `b` from tenant `b`
+/// when `tenants` is set.
+async fn hammer_as(a: &Svc, b: &Svc, url: &str, tenants: Option<()>) -> Vec<u16> {
     let tasks: Vec<_> = (0..400)
         .map(|i| {
-            let mut svc = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let req = message(url);
+            let (mut svc, tenant) = if i % 2 == 0 {
+                (a.clone(), "a")
+            } else {
+                (b.clone(), "b")
+            };
+            let mut req = message(url);
+            if tenants.is_some() {
+                req.extensions_mut().insert(Tenant::new(tenant));
+            }
             tokio::spawn(async move { complete(&mut svc, req).await.unwrap() })
         })
         .collect();
@@ -196,4 +211,58 @@ async fn redis_down_follows_the_policy_and_the_shared_limits_return_with_it() {
     assert_eq!(keys(), 3);
     assert_eq!(complete(&mut open, message(&url)).await.unwrap(), 200);
     assert_eq!(mock.stats().rate_limited, 0);
+}
+
+/// Two instances, each keyed per tenant (tenant `a` on one, `b` on the other) at the whole
+/// organisation's limits, plus a further `global` scope at those limits: the shared grant
+/// covers the tenant's buckets and the global ones in one script, so the mock (the
+/// organisation) never answers 429 and every request completes. The global buckets are in
+/// Redis next to the tenants'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_scope_is_granted_with_the_tenant_s_across_instances() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let l = limits();
+    let scoped = || {
+        layer(Some(shared(&redis).timeout(Duration::from_secs(2))))
+            .scope(KeyScope::Tenant)
+            .scope_limits(ScopeLimits {
+                requests_per_minute: l.requests_per_minute,
+                input_tokens_per_minute: l.input_tokens_per_minute,
+                output_tokens_per_minute: l.output_tokens_per_minute,
+                ..ScopeLimits::new(KeyScope::Global)
+            })
+            .layer(upstream())
+    };
+    let mock = MockServer::builder().limits(l).start().await.unwrap();
+    let statuses = hammer_as(&scoped(), &scoped(), &mock.url(), Some(())).await;
+    let stats = mock.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(stats.requests, 400);
+
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("claude-ratelimit:v1:*")
+        .query(&mut c)
+        .unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "claude-ratelimit:v1:input_tokens:-:t.a",
+            "claude-ratelimit:v1:input_tokens:-:t.b",
+            "claude-ratelimit:v1:input_tokens:global/-:-",
+            "claude-ratelimit:v1:output_tokens:-:t.a",
+            "claude-ratelimit:v1:output_tokens:-:t.b",
+            "claude-ratelimit:v1:output_tokens:global/-:-",
+            "claude-ratelimit:v1:requests:-:t.a",
+            "claude-ratelimit:v1:requests:-:t.b",
+            "claude-ratelimit:v1:requests:global/-:-",
+        ]
+    );
 }
