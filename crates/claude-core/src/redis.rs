@@ -19,7 +19,13 @@
 //!
 //! A call that errs or does not answer within the timeout returns `None` to the caller,
 //! increments the store's error counter (label `op`), is logged at `debug`, and at `warn` at
-//! most every 10 seconds per store. The error text of redis-rs never holds the password of
+//! most every 10 seconds per store. After two consecutive failures to reach Redis (a
+//! connection error or a timeout; not an error Redis answered), the store answers `None` at
+//! once for 250 ms (counted under `op="skipped"`) instead of making every request wait for
+//! its timeout while Redis is down; then the next call tries again. So during an outage a
+//! request pays at most one timeout per store every 250 ms, and the shared state is used
+//! again within about 250 ms of Redis answering (plus the connection manager's own
+//! reconnection delay). The error text of redis-rs never holds the password of
 //! the URL; the `Debug` output of a store prints the address only.
 
 use std::fmt;
@@ -33,6 +39,42 @@ pub use crate::config::FailurePolicy;
 
 /// How often a store warns at most about Redis failures.
 const WARN_EVERY_MS: u64 = 10_000;
+/// Consecutive failures after which a store stops calling Redis for a while.
+const FAILURES_TO_BACK_OFF: u32 = 2;
+/// How long a store that backs off answers `None` without calling Redis.
+const BACK_OFF_MS: u64 = 250;
+
+/// Whether Redis is answering: consecutive failures, and until when (ms since the store's
+/// epoch) calls are skipped.
+#[derive(Debug, Default)]
+struct Health {
+    failures: std::sync::atomic::AtomicU32,
+    skip_until: AtomicU64,
+}
+
+/// The outcome of a call: its answer, or no answer and whether it may still have run
+/// (callers whose call changes state compensate for [`Call::Unknown`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call<T> {
+    /// Redis answered.
+    Done(T),
+    /// Redis did not run it: skipped while backing off, connection refused, or an error
+    /// Redis answered.
+    NotRun,
+    /// No answer: it timed out or the connection broke after it was sent, so Redis may have
+    /// run it (or may still).
+    Unknown,
+}
+
+impl<T> Call<T> {
+    /// The answer, if Redis gave one.
+    pub fn done(self) -> Option<T> {
+        match self {
+            Self::Done(v) => Some(v),
+            Self::NotRun | Self::Unknown => None,
+        }
+    }
+}
 
 /// A lazily connected Redis client with a timeout on every call, an error counter and
 /// rate-limited warnings. Cheap to clone; clones share one connection.
@@ -42,6 +84,7 @@ pub struct RedisConn {
     timeout: Duration,
     conn: Arc<OnceLock<Option<ConnectionManager>>>,
     warned: Arc<AtomicU64>,
+    health: Arc<Health>,
     epoch: Instant,
     store: &'static str,
     errors_metric: &'static str,
@@ -91,6 +134,7 @@ impl RedisConn {
             timeout,
             conn: Arc::new(OnceLock::new()),
             warned: Arc::new(AtomicU64::new(0)),
+            health: Arc::new(Health::default()),
             epoch: Instant::now(),
             store,
             errors_metric,
@@ -114,6 +158,21 @@ impl RedisConn {
     /// The server's address, for `Debug` output (never the password).
     pub fn addr(&self) -> &redis::ConnectionAddr {
         self.client.get_connection_info().addr()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether Redis is known to be down right now: the call is skipped (counted as
+    /// failed, op `skipped`) instead of waiting for its timeout.
+    fn backing_off(&self) -> bool {
+        let until = self.health.skip_until.load(Ordering::Relaxed);
+        if until != 0 && self.now_ms() < until {
+            metrics::counter!(self.errors_metric, "op" => "skipped").increment(1);
+            return true;
+        }
+        false
     }
 
     fn connection(&self) -> Option<ConnectionManager> {
@@ -140,9 +199,21 @@ impl RedisConn {
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Option<T> {
+        self.script_call(op, invocation).await.done()
+    }
+
+    /// Runs a script, saying whether it may have run when no answer came.
+    pub async fn script_call<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Call<T> {
+        if self.backing_off() {
+            return Call::NotRun;
+        }
         let Some(mut conn) = self.connection() else {
             self.failed(op, &"no connection manager");
-            return None;
+            return Call::NotRun;
         };
         let call = invocation.invoke_async::<T>(&mut conn);
         self.finish(op, tokio::time::timeout(self.timeout, call).await)
@@ -155,30 +226,57 @@ impl RedisConn {
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> Option<T> {
+        if self.backing_off() {
+            return None;
+        }
         let Some(mut conn) = self.connection() else {
             self.failed(op, &"no connection manager");
             return None;
         };
         let call = cmd.query_async::<T>(&mut conn);
         self.finish(op, tokio::time::timeout(self.timeout, call).await)
+            .done()
     }
 
     fn finish<T>(
         &self,
         op: &'static str,
         outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Option<T> {
-        match outcome {
-            Ok(Ok(v)) => Some(v),
+    ) -> Call<T> {
+        let call = match outcome {
+            Ok(Ok(v)) => {
+                if self.health.failures.load(Ordering::Relaxed) != 0 {
+                    self.health.failures.store(0, Ordering::Relaxed);
+                    self.health.skip_until.store(0, Ordering::Relaxed);
+                }
+                return Call::Done(v);
+            }
+            // An error Redis answered (a script error, a wrong type) says it is up, and
+            // that the call did not run.
+            Ok(Err(e)) if !(e.is_io_error() || e.is_connection_dropped() || e.is_timeout()) => {
+                self.failed(op, &e);
+                return Call::NotRun;
+            }
             Ok(Err(e)) => {
                 self.failed(op, &e);
-                None
+                if e.is_connection_refusal() {
+                    Call::NotRun
+                } else {
+                    Call::Unknown
+                }
             }
             Err(_) => {
                 self.failed(op, &format_args!("no answer within {:?}", self.timeout));
-                None
+                Call::Unknown
             }
+        };
+        if self.health.failures.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_TO_BACK_OFF {
+            self.health.skip_until.store(
+                self.now_ms().saturating_add(BACK_OFF_MS).max(1),
+                Ordering::Relaxed,
+            );
         }
+        call
     }
 
     /// Counts and logs a failure of `op` (an error, a timeout, or an answer that makes no
@@ -248,6 +346,11 @@ mod tests {
         let got: Option<i64> = conn
             .script("script", redis::Script::new("return 1").prepare_invoke())
             .await;
+        assert_eq!(got, None);
+        // Two failures to reach it: the store now skips calls for a while.
+        assert!(conn.health.skip_until.load(Ordering::Relaxed) > 0);
+        assert!(conn.backing_off());
+        let got: Option<String> = conn.query("get", redis::cmd("GET").arg("k")).await;
         assert_eq!(got, None);
     }
 }

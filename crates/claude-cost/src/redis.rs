@@ -50,7 +50,24 @@
 //! `claude_cost_redis_errors_total` (label `op`: `admit`, `settle`, `release`), are logged at
 //! `debug`, and at `warn` at most every 10 seconds.
 //!
-//! A reservation held by an instance that dies stays in its windows until they expire.
+//! # Reservations that nobody settles
+//!
+//! Each reservation has an id (a random prefix per store and a counter) and is recorded in
+//! each of its windows as a field `r:{id}` and in the sorted set `{window}:leases` with the
+//! time its lease ends ([`RedisBudgets::reservation_lease`], 15 minutes by default).
+//! Settles and releases remove it by id, so they are idempotent. What would otherwise hold
+//! a window's reservations for ever:
+//!
+//! - an admission that timed out (or whose connection broke) here but ran in Redis: the
+//!   tracker releases its id at once, retrying for a few seconds; a release that arrives
+//!   before the admission it cancels leaves a marker (`{window}:gone`, for the lease's
+//!   length) that makes that admission reserve nothing;
+//! - an instance that dies, or a settle or release that never reached Redis: the next
+//!   admission to the window drops reservations whose lease has ended (at most 32 per
+//!   window per admission).
+//!
+//! A request still running when its lease ends stops counting toward the cap (its spend is
+//! still added when it settles): keep the lease above the longest answer.
 //!
 //! # In the layer
 //!
@@ -62,10 +79,11 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 pub use claude_core::redis::FailurePolicy;
-use claude_core::redis::RedisConn;
+use claude_core::redis::{Call, RedisConn};
 use redis::Script;
 
 use crate::budget::{BudgetScope, BudgetWindow};
@@ -74,46 +92,81 @@ use crate::budget::{BudgetScope, BudgetWindow};
 pub const DEFAULT_PREFIX: &str = "claude-cost:v1:";
 /// The default timeout of each Redis call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+/// The default lease of a reservation ([`RedisBudgets::reservation_lease`]).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
 /// Counter, label `op` (`admit`, `settle`, `release`): failed calls to Redis.
 pub const REDIS_ERRORS: &str = "claude_cost_redis_errors_total";
 const STORE: &str = "claude-cost: shared budgets";
 
+/// Removes reservation `id` from window `key` (idempotent). With `gone_until` (ms), a
+/// reservation not there yet is remembered as given up until then, so that an admission
+/// that arrives after its own release (another connection, after a timeout) reserves
+/// nothing.
+const DROP_RESERVATION: &str = r"
+local function drop_reservation(key, id, gone_until)
+  local amount = redis.call('HGET', key, 'r:' .. id)
+  if amount then
+    if redis.call('HINCRBY', key, 'reserved', -tonumber(amount)) < 0 then
+      redis.call('HSET', key, 'reserved', 0)
+    end
+    redis.call('HDEL', key, 'r:' .. id)
+    redis.call('ZREM', key .. ':leases', id)
+  elseif gone_until then
+    redis.call('ZADD', key .. ':gone', gone_until, id)
+    redis.call('PEXPIREAT', key .. ':gone', gone_until)
+  end
+end
+";
+
 const ADMIT: &str = r"
--- KEYS: the windows. ARGV[1]: worst; then per window: limit, expire-at (ms).
+-- KEYS: the windows. ARGV[1]: worst; ARGV[2]: reservation id; ARGV[3]: lease (ms);
+-- then per window: limit, expire-at (ms).
 local worst = tonumber(ARGV[1])
+local id = ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local given_up = false
 for i = 1, #KEYS do
-  local limit = tonumber(ARGV[2 * i])
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[i] .. ':leases', '-inf', now, 'LIMIT', 0, 32)
+  for _, old in ipairs(expired) do
+    drop_reservation(KEYS[i], old, nil)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[i] .. ':gone', '-inf', now)
+  if redis.call('ZREM', KEYS[i] .. ':gone', id) == 1 then given_up = true end
+end
+if given_up then
+  return {0}
+end
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[2 * i + 2])
   local v = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
   local spent = tonumber(v[1] or '0')
   local reserved = tonumber(v[2] or '0')
   if spent >= limit or spent + reserved + worst > limit then
     local first = redis.call('HSETNX', KEYS[i], 'alert:refused', 1)
-    redis.call('PEXPIREAT', KEYS[i], ARGV[2 * i + 1])
+    redis.call('PEXPIREAT', KEYS[i], ARGV[2 * i + 3])
     return {i, first, spent, reserved}
   end
 end
 for i = 1, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'reserved', worst)
-  redis.call('PEXPIREAT', KEYS[i], ARGV[2 * i + 1])
+  redis.call('HSET', KEYS[i], 'r:' .. id, worst)
+  redis.call('ZADD', KEYS[i] .. ':leases', now + tonumber(ARGV[3]), id)
+  redis.call('PEXPIREAT', KEYS[i], ARGV[2 * i + 3])
+  redis.call('PEXPIREAT', KEYS[i] .. ':leases', ARGV[2 * i + 3])
 end
 return {0}
 ";
 
 const SETTLE: &str = r"
 -- KEYS[1..n]: the current windows; KEYS[n+1..]: the windows holding the reservation.
--- ARGV: n, reserved, spent, t, t thresholds, then per current window: limit, expire-at.
+-- ARGV: n, reservation id, spent, t, t thresholds, then per current window: limit, expire-at.
 local n = tonumber(ARGV[1])
-local reserved = tonumber(ARGV[2])
+local id = ARGV[2]
 local spent = tonumber(ARGV[3])
 local t = tonumber(ARGV[4])
-if reserved > 0 then
-  for j = n + 1, #KEYS do
-    if redis.call('EXISTS', KEYS[j]) == 1 then
-      if redis.call('HINCRBY', KEYS[j], 'reserved', -reserved) < 0 then
-        redis.call('HSET', KEYS[j], 'reserved', 0)
-      end
-    end
-  end
+for j = n + 1, #KEYS do
+  drop_reservation(KEYS[j], id, nil)
 end
 local fired = {}
 for i = 1, n do
@@ -135,13 +188,11 @@ return fired
 ";
 
 const RELEASE: &str = r"
--- KEYS: the windows holding the reservation. ARGV[1]: the amount.
+-- KEYS: the windows of the reservation. ARGV[1]: the reservation id; ARGV[2]: lease (ms).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for j = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[j]) == 1 then
-    if redis.call('HINCRBY', KEYS[j], 'reserved', -tonumber(ARGV[1])) < 0 then
-      redis.call('HSET', KEYS[j], 'reserved', 0)
-    end
-  end
+  drop_reservation(KEYS[j], ARGV[1], now + tonumber(ARGV[2]))
 end
 return 0
 ";
@@ -154,7 +205,29 @@ pub struct RedisBudgets {
     conn: RedisConn,
     prefix: Arc<str>,
     policy: FailurePolicy,
+    lease: Duration,
     scripts: Arc<Scripts>,
+    ids: Arc<Ids>,
+}
+
+/// Reservation ids: a random prefix per store (so instances never collide) and a counter.
+#[derive(Debug)]
+struct Ids {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl Ids {
+    fn new() -> Self {
+        use std::hash::BuildHasher;
+        // RandomState is seeded from the OS's randomness once per process and then per
+        // instance: enough to tell instances apart, no dependency needed.
+        let prefix = std::hash::RandomState::new().hash_one((std::process::id(), Instant::now()));
+        Self {
+            prefix,
+            next: AtomicU64::new(0),
+        }
+    }
 }
 
 struct Scripts {
@@ -212,11 +285,13 @@ impl RedisBudgets {
             conn: RedisConn::new(client, STORE, REDIS_ERRORS, DEFAULT_TIMEOUT),
             prefix: Arc::from(DEFAULT_PREFIX),
             policy: FailurePolicy::default(),
+            lease: DEFAULT_LEASE,
             scripts: Arc::new(Scripts {
-                admit: Script::new(ADMIT),
-                settle: Script::new(SETTLE),
-                release: Script::new(RELEASE),
+                admit: Script::new(&format!("{DROP_RESERVATION}{ADMIT}")),
+                settle: Script::new(&format!("{DROP_RESERVATION}{SETTLE}")),
+                release: Script::new(&format!("{DROP_RESERVATION}{RELEASE}")),
             }),
+            ids: Arc::new(Ids::new()),
         }
     }
 
@@ -247,26 +322,54 @@ impl RedisBudgets {
         self.policy
     }
 
+    /// Sets how long a reservation may hold its windows (default [`DEFAULT_LEASE`],
+    /// 15 minutes): one whose settlement never reached Redis (an instance that died, a
+    /// settle or release that failed, an admission that timed out here but ran there) is
+    /// dropped by the next admission to the window after this long. Keep it above the
+    /// longest answer (a stream of the largest `max_tokens`): a request still running
+    /// when its lease ends no longer counts toward the cap (its spend is still recorded).
+    #[must_use]
+    pub fn reservation_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    fn lease_ms(&self) -> u64 {
+        u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A fresh reservation id.
+    pub(crate) fn next_id(&self) -> String {
+        let n = self.ids.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}-{n:x}", self.ids.prefix)
+    }
+
     /// The Redis key of a window.
     pub(crate) fn key(&self, scope: &BudgetScope, window: BudgetWindow, period: &str) -> String {
         format!("{}{scope}:{window}:{period}", self.prefix)
     }
 
-    /// Reserves `worst` in every window, or says which refused; `None` when Redis failed.
+    /// Reserves `worst` in every window under `id`, or says which refused; no answer when
+    /// Redis failed ([`Call::Unknown`]: the reservation may have been made).
     pub(crate) async fn admit(
         &self,
         windows: &[WindowKey],
         worst: u64,
-    ) -> Option<Result<(), SharedRefusal>> {
+        id: &str,
+    ) -> Call<Result<(), SharedRefusal>> {
         let mut inv = self.scripts.admit.prepare_invoke();
-        inv.arg(worst);
+        inv.arg(worst).arg(id).arg(self.lease_ms());
         for w in windows {
             inv.key(&w.key).arg(w.limit).arg(w.expire_at_ms);
         }
-        let reply: Vec<u64> = self.conn.script("admit", inv).await?;
+        let reply: Vec<u64> = match self.conn.script_call("admit", inv).await {
+            Call::Done(reply) => reply,
+            Call::NotRun => return Call::NotRun,
+            Call::Unknown => return Call::Unknown,
+        };
         match reply.as_slice() {
-            [0] => Some(Ok(())),
-            &[i, first, spent, reserved] if i >= 1 => Some(Err(SharedRefusal {
+            [0] => Call::Done(Ok(())),
+            &[i, first, spent, reserved] if i >= 1 => Call::Done(Err(SharedRefusal {
                 index: usize::try_from(i - 1).unwrap_or(usize::MAX),
                 first: first == 1,
                 spent,
@@ -274,7 +377,7 @@ impl RedisBudgets {
             })),
             _ => {
                 self.conn.failed("admit", &"unexpected reply");
-                None
+                Call::Unknown
             }
         }
     }
@@ -285,13 +388,13 @@ impl RedisBudgets {
         &self,
         windows: &[WindowKey],
         held: &[String],
-        reserved: u64,
+        id: &str,
         spent: u64,
         thresholds: &[u32],
     ) -> Option<Vec<Fired>> {
         let mut inv = self.scripts.settle.prepare_invoke();
         inv.arg(windows.len())
-            .arg(reserved)
+            .arg(id)
             .arg(spent)
             .arg(thresholds.len());
         for t in thresholds {
@@ -318,14 +421,25 @@ impl RedisBudgets {
         )
     }
 
-    /// Gives back a reservation that will not be spent.
-    pub(crate) async fn release(&self, held: &[String], amount: u64) {
-        let mut inv = self.scripts.release.prepare_invoke();
-        inv.arg(amount);
-        for k in held {
-            inv.key(k);
+    /// Gives back a reservation that will not be spent (nothing when it is not there; and
+    /// an admission of it that runs later reserves nothing). Retried while Redis fails, for
+    /// about 8 seconds (the release is idempotent, so a retry of one that did run is
+    /// harmless); after that, the reservation's lease ends it.
+    pub(crate) async fn release(&self, held: &[String], id: &str) {
+        const BACKOFF_MS: [u64; 5] = [250, 500, 1_000, 2_000, 4_000];
+        for delay in std::iter::once(0).chain(BACKOFF_MS) {
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let mut inv = self.scripts.release.prepare_invoke();
+            inv.arg(id).arg(self.lease_ms());
+            for k in held {
+                inv.key(k);
+            }
+            if self.conn.script::<i64>("release", inv).await.is_some() {
+                return;
+            }
         }
-        let _: Option<i64> = self.conn.script("release", inv).await;
     }
 }
 
@@ -334,4 +448,6 @@ impl RedisBudgets {
 pub(crate) struct Hold {
     pub(crate) redis: RedisBudgets,
     pub(crate) keys: Vec<String>,
+    /// The reservation's id in the windows of `keys`.
+    pub(crate) id: String,
 }

@@ -290,8 +290,7 @@ impl Drop for Reservation {
             && !hold.keys.is_empty()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let amount = self.amount;
-            rt.spawn(async move { hold.redis.release(&hold.keys, amount).await });
+            rt.spawn(async move { hold.redis.release(&hold.keys, &hold.id).await });
         }
     }
 }
@@ -463,6 +462,7 @@ impl CostTracker {
             r.hold = Some(crate::redis::Hold {
                 redis: shared.clone(),
                 keys: Vec::new(),
+                id: String::new(),
             });
             return Admission::Ready(Ok(r));
         }
@@ -562,7 +562,8 @@ impl CostTracker {
         now: Now,
     ) -> Result<Reservation, Error> {
         use crate::budget::{AlertKind, BudgetAlert, Refusal};
-        use crate::redis::{FailurePolicy, Hold};
+        use crate::redis::Hold;
+        use claude_core::redis::Call;
 
         let windows = self.shared_windows(shared, &tenant, now);
         if windows.is_empty() {
@@ -574,21 +575,24 @@ impl CostTracker {
                 hold: Some(Hold {
                     redis: shared.clone(),
                     keys: Vec::new(),
+                    id: String::new(),
                 }),
             });
         }
         let keys: Vec<_> = windows.iter().map(|w| w.2.clone()).collect();
-        match shared.admit(&keys, worst).await {
-            Some(Ok(())) => Ok(Reservation {
+        let id = shared.next_id();
+        match shared.admit(&keys, worst, &id).await {
+            Call::Done(Ok(())) => Ok(Reservation {
                 inner: None,
                 tenant,
                 amount: worst,
                 hold: Some(Hold {
                     redis: shared.clone(),
                     keys: keys.into_iter().map(|k| k.key).collect(),
+                    id,
                 }),
             }),
-            Some(Err(r)) => {
+            Call::Done(Err(r)) => {
                 let Some((scope, window, key)) = windows.into_iter().nth(r.index) else {
                     return Err(Error::budget_exceeded("budget exceeded"));
                 };
@@ -606,13 +610,37 @@ impl CostTracker {
                     scope, window, &period, key.limit, used, worst, alert,
                 )))
             }
-            None => match shared.failure_policy() {
-                FailurePolicy::FailOpen => self.admit_local(&tenant, worst, now),
-                FailurePolicy::FailClosed => Err(Error::budget_exceeded(
-                    "budget exceeded: the shared budget store is unreachable, and this \
-                     service refuses requests it cannot count (fail closed)",
-                )),
-            },
+            Call::NotRun => self.admit_fallback(shared, &tenant, worst, now),
+            Call::Unknown => {
+                // The call timed out or broke here, but may have run there (or still run):
+                // take the reservation back (by id, so this is harmless if it did not run;
+                // if this fails too, the reservation's lease ends it).
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let shared = shared.clone();
+                    let held: Vec<String> = keys.into_iter().map(|k| k.key).collect();
+                    rt.spawn(async move { shared.release(&held, &id).await });
+                }
+                self.admit_fallback(shared, &tenant, worst, now)
+            }
+        }
+    }
+
+    /// Admission when the shared budgets could not answer, as the policy says.
+    #[cfg(feature = "redis")]
+    fn admit_fallback(
+        &self,
+        shared: &crate::redis::RedisBudgets,
+        tenant: &Tenant,
+        worst: u64,
+        now: Now,
+    ) -> Result<Reservation, Error> {
+        use crate::redis::FailurePolicy;
+        match shared.failure_policy() {
+            FailurePolicy::FailOpen => self.admit_local(tenant, worst, now),
+            FailurePolicy::FailClosed => Err(Error::budget_exceeded(
+                "budget exceeded: the shared budget store is unreachable, and this \
+                 service refuses requests it cannot count (fail closed)",
+            )),
         }
     }
 
@@ -693,7 +721,7 @@ impl CostTracker {
             let keys: Vec<_> = windows.iter().map(|w| w.2.clone()).collect();
             let fired = hold
                 .redis
-                .settle(&keys, &hold.keys, reserved, spent, &thresholds)
+                .settle(&keys, &hold.keys, &hold.id, spent, &thresholds)
                 .await;
             let Some(fired) = fired else {
                 tracker.fire(&local_alerts);

@@ -321,3 +321,141 @@ async fn a_tenant_without_caps_costs_no_round_trip_and_leaves_no_key() {
     assert!(keys.is_empty(), "{keys:?}");
     assert_eq!(tracker.total().requests, 1);
 }
+
+/// A field of a window's hash, with a connection of the test's own.
+fn redis_field(redis: &RedisServer, key: &str, field: &str) -> Option<i64> {
+    let mut conn = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .ok()?;
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query::<Option<i64>>(&mut conn)
+        .ok()
+        .flatten()
+}
+
+fn redis_cmd(redis: &RedisServer, args: &[&str]) {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query::<redis::Value>(&mut conn).unwrap();
+}
+
+/// An admission that times out here while Redis runs it anyway (Redis paused longer than
+/// the call timeout) must not leave its reservation in the window for ever: the tracker takes
+/// it back by id once Redis answers. Without that, a slow Redis would fill the windows with
+/// reservations nobody settles, until every instance is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_that_timed_out_leaves_no_reservation_behind() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mock = MockServer::start().await.unwrap();
+    let (_, actual) = prices();
+    let budgets = BudgetConfig::new().global(Budget::new().daily(Usd::from_nanos(actual * 100)));
+    let alerts = Alerts::default();
+    for policy in [FailurePolicy::FailOpen, FailurePolicy::FailClosed] {
+        let (_, svc) = instance(&budgets, Some(shared(&redis).policy(policy)), &alerts);
+        assert_eq!(send(&svc, &mock, "before").await, Ok(200));
+        let key = today_key();
+        // Nothing reserved once the answer is settled.
+        for _ in 0..500 {
+            if redis_field(&redis, &key, "reserved") == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(redis_field(&redis, &key, "reserved"), Some(0));
+
+        // Redis stops answering for 1 s: the admissions of these 4 requests time out here
+        // (200 ms) and run there when the pause ends.
+        redis_cmd(&redis, &["CLIENT", "PAUSE", "1000", "ALL"]);
+        let mut outcomes = Vec::new();
+        for i in 0..4 {
+            outcomes.push(send(&svc, &mock, &format!("paused-{i}")).await);
+        }
+        let expected = match policy {
+            FailurePolicy::FailOpen => Ok(200),
+            FailurePolicy::FailClosed => Err(ErrorKind::BudgetExceeded),
+        };
+        assert!(outcomes.iter().all(|o| *o == expected), "{outcomes:?}");
+
+        // Once Redis answers again, every reservation the paused admissions made is taken
+        // back.
+        let mut reserved = None;
+        for _ in 0..500 {
+            reserved = redis_field(&redis, &key, "reserved");
+            if reserved == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(reserved, Some(0), "{policy:?}: phantom reservations remain");
+        redis_cmd(&redis, &["DEL", &key, &format!("{key}:leases")]);
+    }
+}
+
+/// A reservation whose settlement never reached Redis (its instance died) ends with its
+/// lease: the next admission to the window drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_nobody_settles_ends_with_its_lease() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mock = MockServer::start().await.unwrap();
+    let (worst, actual) = prices();
+    // Room for exactly one worst case.
+    let budgets = BudgetConfig::new().global(Budget::new().daily(Usd::from_nanos(worst)));
+    let alerts = Alerts::default();
+    let (_, svc) = instance(
+        &budgets,
+        Some(shared(&redis).reservation_lease(Duration::from_millis(300))),
+        &alerts,
+    );
+    let key = today_key();
+    // A dead instance's reservation of the whole cap, whose lease has ended.
+    let past = "1";
+    redis_cmd(
+        &redis,
+        &[
+            "HSET",
+            &key,
+            "reserved",
+            &worst.to_string(),
+            "r:ghost",
+            &worst.to_string(),
+        ],
+    );
+    redis_cmd(&redis, &["ZADD", &format!("{key}:leases"), past, "ghost"]);
+    // The next admission drops it, and fits.
+    assert_eq!(send(&svc, &mock, "after-the-lease").await, Ok(200));
+    settled(&redis, &key, actual).await;
+    assert_eq!(redis_field(&redis, &key, "r:ghost"), None);
+    // A live lease is kept: the same ghost with a lease far in the future refuses.
+    redis_cmd(&redis, &["DEL", &key, &format!("{key}:leases")]);
+    redis_cmd(
+        &redis,
+        &[
+            "HSET",
+            &key,
+            "reserved",
+            &worst.to_string(),
+            "r:ghost",
+            &worst.to_string(),
+        ],
+    );
+    redis_cmd(
+        &redis,
+        &["ZADD", &format!("{key}:leases"), "99999999999999", "ghost"],
+    );
+    assert_eq!(
+        send(&svc, &mock, "during-the-lease").await,
+        Err(ErrorKind::BudgetExceeded)
+    );
+}
