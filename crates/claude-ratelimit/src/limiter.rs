@@ -579,7 +579,9 @@ impl Limiter {
                 key: shared.prefixed(&b.key),
                 ..b.clone()
             }));
-            let redis = shared.clone().grant(buckets, max_wait);
+            let redis = shared
+                .clone()
+                .grant(shared.pause_key(&id), buckets, max_wait);
             let store = Arc::clone(&self.scopes);
             return Some(Box::pin(async move {
                 match redis.await? {
@@ -1034,6 +1036,10 @@ impl Ticket {
         inner.refill(now);
         inner.follow(self.seq, &rl);
         if let Some(pause) = pause.filter(|p| !p.is_zero()) {
+            #[cfg(feature = "redis")]
+            if let Some(shared) = &self.limiter.shared {
+                shared.pause(&self.key.shared_id(), pause);
+            }
             let until = now + pause;
             inner.paused_until = Some(inner.paused_until.map_or(until, |p| p.max(until)));
         }

@@ -37,10 +37,13 @@
 //! request is charged in all of them or in none. A further scope's bucket is
 //! `{prefix}{kind}:{scope}/{family}:{tenant}`.
 //!
-//! Server figures (`anthropic-ratelimit-*` headers, a 429's pause) correct the local
+//! Following the server: a 429's pause (its `retry-after`, at most `max_pause`) is
+//! shared: the instance that received it writes `{prefix}pause:{family}:{tenant}` with
+//! that lifetime, and every instance's grant for the key waits until it is gone (a longer
+//! pause in force is kept). The `anthropic-ratelimit-*-remaining` figures correct the local
 //! buckets of the instance that received them; the shared buckets follow the configured
-//! limits. (Each instance's local buckets stay under the server's figures, and the server
-//! counts every instance, so a low `remaining` slows every instance that sees it.)
+//! limits (each instance's local buckets stay under the server's figures, and the server
+//! counts every instance, so a low `remaining` slows every instance that sees it).
 //!
 //! # When Redis is unreachable
 //!
@@ -76,15 +79,20 @@ pub const REDIS_ERRORS: &str = "claude_ratelimit_redis_errors_total";
 const STORE: &str = "claude-ratelimit: shared rate limits";
 
 const GRANT: &str = r"
--- KEYS: buckets. ARGV: per bucket: capacity, demand, required (milli-units).
+-- KEYS[1]: the key's pause; KEYS[2..]: buckets.
+-- ARGV: per bucket: capacity, demand, required (milli-units).
+local paused = redis.call('PTTL', KEYS[1])
+if paused > 0 then
+  return {0, paused}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local levels = {}
 local wait = 0
-for i = 1, #KEYS do
+for i = 1, #KEYS - 1 do
   local cap = tonumber(ARGV[3 * i - 2])
   local required = tonumber(ARGV[3 * i])
-  local v = redis.call('HMGET', KEYS[i], 'level', 'ts')
+  local v = redis.call('HMGET', KEYS[i + 1], 'level', 'ts')
   local level = tonumber(v[1])
   local ts = tonumber(v[2])
   if level == nil or ts == nil then
@@ -101,13 +109,21 @@ end
 if wait > 0 then
   return {0, math.ceil(wait / 1000)}
 end
-for i = 1, #KEYS do
+for i = 1, #KEYS - 1 do
   local cap = tonumber(ARGV[3 * i - 2])
   local level = levels[i] - tonumber(ARGV[3 * i - 1])
-  redis.call('HSET', KEYS[i], 'level', string.format('%.3f', level), 'ts', now)
-  redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) * 60000 / cap) + 1000)
+  redis.call('HSET', KEYS[i + 1], 'level', string.format('%.3f', level), 'ts', now)
+  redis.call('PEXPIRE', KEYS[i + 1], math.ceil((cap - level) * 60000 / cap) + 1000)
 end
 return {1, 0}
+";
+
+const PAUSE: &str = r"
+-- KEYS[1]: the key's pause. ARGV[1]: its length (ms); a longer pause in force is kept.
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+end
+return 0
 ";
 
 const SETTLE: &str = r"
@@ -144,7 +160,7 @@ pub struct RedisLimits {
     conn: RedisConn,
     prefix: Arc<str>,
     policy: FailurePolicy,
-    scripts: Arc<(Script, Script)>,
+    scripts: Arc<(Script, Script, Script)>,
 }
 
 impl fmt::Debug for RedisLimits {
@@ -203,7 +219,7 @@ impl RedisLimits {
             conn: RedisConn::new(client, STORE, REDIS_ERRORS, DEFAULT_TIMEOUT),
             prefix: Arc::from(DEFAULT_PREFIX),
             policy: FailurePolicy::default(),
-            scripts: Arc::new((Script::new(GRANT), Script::new(SETTLE))),
+            scripts: Arc::new((Script::new(GRANT), Script::new(SETTLE), Script::new(PAUSE))),
         }
     }
 
@@ -239,13 +255,35 @@ impl RedisLimits {
         format!("{}{kind}:{id}", self.prefix)
     }
 
+    /// The Redis key of the pause of the key whose id is `id`.
+    pub(crate) fn pause_key(&self, id: &str) -> String {
+        format!("{}pause:{id}", self.prefix)
+    }
+
+    /// Pauses the key whose id is `id` for every instance, for `pause` (a 429's
+    /// `retry-after`), on a task of its own; a longer pause already in force is kept.
+    pub(crate) fn pause(&self, id: &str, pause: Duration) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let key = self.pause_key(id);
+        let ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX).max(1);
+        let redis = self.clone();
+        rt.spawn(async move {
+            let mut inv = redis.scripts.2.prepare_invoke();
+            inv.key(&key).arg(ms);
+            let _: Option<i64> = redis.conn.script("pause", inv).await;
+        });
+    }
+
     /// The Redis key of the bucket whose local id is `id` (`{kind}:{scope}/{key id}`).
     pub(crate) fn prefixed(&self, id: &str) -> String {
         format!("{}{id}", self.prefix)
     }
 
-    async fn try_grant(&self, buckets: &[GrantBucket]) -> Option<Reply> {
+    async fn try_grant(&self, pause: &str, buckets: &[GrantBucket]) -> Option<Reply> {
         let mut inv = self.scripts.0.prepare_invoke();
+        inv.key(pause);
         for b in buckets {
             inv.key(&b.key).arg(b.cap).arg(b.demand).arg(b.required);
         }
@@ -266,6 +304,7 @@ impl RedisLimits {
     /// back to its local buckets.
     pub(crate) async fn grant(
         self,
+        pause: String,
         buckets: Vec<GrantBucket>,
         max_wait: Duration,
     ) -> Result<Option<Hold>, Error> {
@@ -276,7 +315,7 @@ impl RedisLimits {
             }
             let deadline = Instant::now() + max_wait;
             loop {
-                match redis.try_grant(&buckets).await {
+                match redis.try_grant(&pause, &buckets).await {
                     Some(Reply::Granted) => return Ok(Some(Hold { redis, buckets })),
                     Some(Reply::Wait(wait)) => {
                         let now = Instant::now();

@@ -266,3 +266,51 @@ async fn a_global_scope_is_granted_with_the_tenant_s_across_instances() {
         ]
     );
 }
+
+/// A 429 that one instance receives pauses the key on every instance: the other one's next
+/// request, which may wait 1 s, is refused locally at once (the shared pause is 30 s) and
+/// never reaches the mock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_on_one_instance_pauses_the_key_on_the_other() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mock = MockServer::start().await.unwrap();
+    let instance = || {
+        layer(Some(shared(&redis)))
+            .max_wait(Duration::from_secs(1))
+            .layer(upstream())
+    };
+    let (mut a, mut b) = (instance(), instance());
+    let mut req = message(&mock.url());
+    req.headers_mut()
+        .insert("x-mock-fault", "429".parse().unwrap());
+    req.headers_mut()
+        .insert("x-mock-retry-after", "30".parse().unwrap());
+    assert_eq!(complete(&mut a, req).await.unwrap(), 429);
+
+    // The pause is written on a task of its own: wait until it is in Redis.
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let pause = "claude-ratelimit:v1:pause:8.sonnet-4:t.default";
+    let mut ttl = -2;
+    for _ in 0..500 {
+        ttl = redis::cmd("PTTL").arg(pause).query(&mut c).unwrap();
+        if ttl > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ttl > 20_000, "pause ttl {ttl} ms");
+
+    let err = complete(&mut b, message(&mock.url())).await.unwrap_err();
+    let err = Error::from_box(err);
+    assert_eq!(err.kind(), ErrorKind::QueueTimeout, "{err}");
+    assert_eq!(
+        mock.stats().requests,
+        1,
+        "only A's request reached the mock"
+    );
+}
