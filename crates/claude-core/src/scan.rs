@@ -117,7 +117,7 @@ pub struct UsageScanner {
     format: BodyFormat,
     merge: UsageMerge,
     report: UsageReport,
-    sse: SseState,
+    sse: SseReader,
     json: JsonState,
 }
 
@@ -131,7 +131,7 @@ impl UsageScanner {
                 format,
                 ..UsageReport::default()
             },
-            sse: SseState::default(),
+            sse: SseReader::default(),
             json: JsonState::default(),
         }
     }
@@ -190,209 +190,27 @@ impl UsageScanner {
 
     // ===== SSE =====
 
-    /// Reads SSE bytes. Whole lines are read where they lie in `chunk`, and the data of a
-    /// wanted event is parsed in place when the event ends in the same chunk (the usual case:
-    /// one event per frame). Only what a chunk leaves open is copied: the start of an
-    /// unfinished line, and the data of an event that has not ended yet (both bounded by
-    /// [`MAX_CAPTURE`]).
     fn feed_sse(&mut self, chunk: &[u8]) {
-        let mut pos = 0;
-        // The current event's data when it lies in `chunk` (then `sse.data` is empty).
-        let mut here: Option<Range<usize>> = None;
-        match chunk.first() {
-            None => return,
-            Some(&first) => {
-                if std::mem::take(&mut self.sse.after_cr) && first == b'\n' {
-                    pos = 1;
-                }
-            }
-        }
-        if self.sse.line_open() {
-            let rest = &chunk[pos..];
-            let Some(i) = memchr2(b'\n', b'\r', rest) else {
-                self.sse_carry(rest);
-                return;
-            };
-            self.sse_carry(&rest[..i]);
-            self.sse.after_cr = rest[i] == b'\r';
-            pos += i + 1;
-            self.sse_carried_line_end(chunk, &mut here);
-        }
-        while pos < chunk.len() {
-            if std::mem::take(&mut self.sse.after_cr) && chunk[pos] == b'\n' {
-                pos += 1;
-                continue;
-            }
-            let Some(i) = memchr2(b'\n', b'\r', &chunk[pos..]) else {
-                self.sse_carry(&chunk[pos..]);
-                break;
-            };
-            let end = pos + i;
-            self.sse.after_cr = chunk[end] == b'\r';
-            self.sse_line(chunk, pos..end, &mut here);
-            pos = end + 1;
-        }
-        if let Some(r) = here {
-            // The event goes on in the next chunk: keep its data.
-            self.sse.data.reserve(r.len().max(DATA_CAPACITY));
-            self.sse.data.extend_from_slice(&chunk[r]);
-        }
-    }
-
-    /// A whole line of `chunk` (without its terminator).
-    fn sse_line(&mut self, chunk: &[u8], line: Range<usize>, here: &mut Option<Range<usize>>) {
-        let bytes = &chunk[line.clone()];
-        if bytes.is_empty() {
-            self.sse_dispatch(chunk, here);
-            return;
-        }
-        if bytes.len() >= PREFIX
-            && let Some(data) = self.sse.skips(bytes)
-        {
-            self.sse.has_data |= data;
-            return;
-        }
-        if bytes.len() > MAX_CAPTURE {
-            self.report.oversized += 1;
-            self.sse.has_data |= bytes.starts_with(b"data");
-            return;
-        }
-        self.sse_field(bytes, Some(line.start), chunk, here);
-    }
-
-    /// Keeps the start of a line that `chunk` leaves unfinished (deciding from its first
-    /// bytes whether it is worth keeping).
-    fn sse_carry(&mut self, mut seg: &[u8]) {
-        let s = &mut self.sse;
-        if s.skip_line {
-            return;
-        }
-        if !s.line_decided {
-            let need = PREFIX.saturating_sub(s.line.len()).min(seg.len());
-            if s.line.capacity() == 0 {
-                s.line.reserve(LINE_CAPACITY);
-            }
-            s.line.extend_from_slice(&seg[..need]);
-            seg = &seg[need..];
-            if s.line.len() >= PREFIX {
-                s.line_decided = true;
-                if let Some(data) = s.skips(&s.line) {
-                    s.skip_line = true;
-                    s.skipped_data = data;
-                    s.line.clear();
-                    return;
-                }
-            }
-        }
-        if s.line.len() + seg.len() > MAX_CAPTURE {
-            s.skip_line = true;
-            s.skipped_data = s.line.starts_with(b"data");
-            s.line.clear();
-            self.report.oversized += 1;
-            return;
-        }
-        s.line.extend_from_slice(seg);
-    }
-
-    /// The end of the line kept by [`sse_carry`](Self::sse_carry).
-    fn sse_carried_line_end(&mut self, chunk: &[u8], here: &mut Option<Range<usize>>) {
-        let s = &mut self.sse;
-        let skipped = s.skip_line;
-        s.skip_line = false;
-        s.line_decided = false;
-        if skipped {
-            // A skipped data line still belongs to an event that will be dispatched.
-            s.has_data |= std::mem::take(&mut s.skipped_data);
-            s.line.clear();
-            return;
-        }
-        let line = std::mem::take(&mut s.line);
-        if line.is_empty() {
-            self.sse_dispatch(chunk, here);
-        } else {
-            self.sse_field(&line, None, chunk, here);
-        }
-        // Keep the allocation for the next line.
-        self.sse.line = line;
-        self.sse.line.clear();
-    }
-
-    /// A kept, non-empty line: `event` and `data` fields count, others are ignored. `at` is
-    /// where `line` starts in `chunk`, when it lies there.
-    fn sse_field(
-        &mut self,
-        line: &[u8],
-        at: Option<usize>,
-        chunk: &[u8],
-        here: &mut Option<Range<usize>>,
-    ) {
-        let (field, value, value_at) = match memchr(b':', line) {
-            Some(i) => match line.get(i + 1) {
-                Some(b' ') => (&line[..i], &line[i + 2..], i + 2),
-                _ => (&line[..i], &line[i + 1..], i + 1),
-            },
-            None => (line, &b""[..], line.len()),
+        let mut events = UsageEvents {
+            merge: &mut self.merge,
+            report: &mut self.report,
         };
-        let s = &mut self.sse;
-        match field {
-            b"event" => s.event = Some(EventName::of(value)),
-            b"data" => {
-                let held = here.as_ref().map_or(s.data.len(), Range::len);
-                if held + value.len() + 1 > MAX_CAPTURE {
-                    self.report.oversized += 1;
-                } else if held == 0 {
-                    match at {
-                        _ if value.is_empty() => {}
-                        Some(at) => *here = Some(at + value_at..at + value_at + value.len()),
-                        None => {
-                            if s.data.capacity() == 0 {
-                                s.data.reserve(value.len().max(DATA_CAPACITY));
-                            }
-                            s.data.extend_from_slice(value);
-                        }
-                    }
-                } else {
-                    if let Some(r) = here.take() {
-                        s.data.reserve(r.len() + value.len() + 1);
-                        s.data.extend_from_slice(&chunk[r]);
-                    }
-                    // `held > 0`: a line has data, so `has_data` is set.
-                    s.data.push(b'\n');
-                    s.data.extend_from_slice(value);
-                }
-                s.has_data = true;
-            }
-            _ => {}
-        }
+        self.sse.feed(chunk, &mut events);
     }
+}
 
-    fn sse_dispatch(&mut self, chunk: &[u8], here: &mut Option<Range<usize>>) {
-        let s = &mut self.sse;
-        if !s.has_data && s.event.is_none() {
-            return;
-        }
-        let has_data = std::mem::take(&mut s.has_data);
-        let name = s.event.take();
+/// The SSE side of [`UsageScanner`]: what it does with each event.
+struct UsageEvents<'a> {
+    merge: &'a mut UsageMerge,
+    report: &'a mut UsageReport,
+}
+
+impl SseHandler for UsageEvents<'_> {
+    fn event(&mut self, name: Option<EventName>, data: Option<&[u8]>) {
         self.report.events += 1;
-        if !has_data {
+        let Some(data) = data.filter(|d| !d.is_empty()) else {
             return;
-        }
-        if let Some(r) = here.take() {
-            self.handle_event(name, &chunk[r]);
-        } else {
-            let data = std::mem::take(&mut self.sse.data);
-            self.handle_event(name, &data);
-            self.sse.data = data;
-            self.sse.data.clear();
-        }
-    }
-
-    fn handle_event(&mut self, name: Option<EventName>, data: &[u8]) {
-        if data.is_empty() {
-            return;
-        }
-        // The `event:` name wins; without one (or with an empty one), the JSON `type` says
-        // what it is.
+        };
         let named = name.filter(|n| *n != EventName::Empty);
         match named {
             // Nothing to learn from these: no parse.
@@ -404,7 +222,7 @@ impl UsageScanner {
             }
             _ => {}
         }
-        let Ok(ev) = serde_json::from_slice::<SseEvent>(data) else {
+        let Some((kind, ev)) = parse_event(named, data) else {
             if matches!(
                 named,
                 Some(EventName::MessageStart | EventName::MessageDelta | EventName::Error)
@@ -413,7 +231,7 @@ impl UsageScanner {
             }
             return;
         };
-        match named.or(ev.kind).unwrap_or(EventName::Empty) {
+        match kind {
             EventName::MessageStart => {
                 if let Some(m) = ev.message {
                     if let Some(u) = &m.usage {
@@ -431,13 +249,336 @@ impl UsageScanner {
             }
             EventName::MessageStop => self.report.completed = true,
             EventName::Error if self.report.error.is_none() => {
-                let e = ev.error.unwrap_or_default();
-                self.report.error = Some(ApiError {
-                    error_type: e.kind.unwrap_or_else(|| "unknown_error".into()),
-                    message: e.message.unwrap_or_default(),
-                });
+                self.report.error = Some(ev.error.unwrap_or_default().into_api_error());
             }
             _ => {}
+        }
+    }
+
+    fn oversized(&mut self) {
+        self.report.oversized += 1;
+    }
+}
+
+/// Parses an event's data: its kind (the `event:` name, or without one the JSON `type`)
+/// and the fields the scanner reads. `None` when the data is not such JSON.
+fn parse_event(named: Option<EventName>, data: &[u8]) -> Option<(EventName, SseEvent)> {
+    let ev = serde_json::from_slice::<SseEvent>(data).ok()?;
+    Some((named.or(ev.kind).unwrap_or(EventName::Empty), ev))
+}
+
+/// The start of a server-sent-event stream, read up to the end of its first event without
+/// parsing anything but an `event: error`: enough to decide whether a stream failed before
+/// it began (and may be retried, since its reader has seen nothing yet).
+///
+/// It reads every frame it is fed to the end, as [`UsageScanner`] does, so an error event
+/// that follows the first event in the same frame is seen too. Lines and events split
+/// across frames are joined as the scanner joins them, with the same bound
+/// ([`MAX_CAPTURE`]); [`error`](Self::error) is what the scanner's
+/// [`UsageReport::error`] would be for the same bytes.
+///
+/// ```
+/// use claude_core::scan::FirstEvent;
+///
+/// let mut peek = FirstEvent::new();
+/// peek.feed(b"event: error\ndata: {\"type\":\"error\",\"error\":");
+/// assert!(!peek.ended());
+/// peek.feed(b"{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n");
+/// assert!(peek.ended());
+/// assert_eq!(peek.error().map(|e| e.error_type.as_str()), Some("overloaded_error"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct FirstEvent {
+    sse: SseReader,
+    peek: FirstEventPeek,
+}
+
+#[derive(Debug, Clone, Default)]
+struct FirstEventPeek {
+    events: u64,
+    error: Option<ApiError>,
+}
+
+impl FirstEvent {
+    /// A peek at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the next piece of the stream.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.sse.feed(chunk, &mut self.peek);
+    }
+
+    /// Whether at least one event has ended (been dispatched by a blank line).
+    pub fn ended(&self) -> bool {
+        self.peek.events > 0
+    }
+
+    /// The first `event: error` among the events read so far.
+    pub fn error(&self) -> Option<&ApiError> {
+        self.peek.error.as_ref()
+    }
+}
+
+impl SseHandler for FirstEventPeek {
+    fn event(&mut self, name: Option<EventName>, data: Option<&[u8]>) {
+        self.events += 1;
+        let named = name.filter(|n| *n != EventName::Empty);
+        // Only an error, or an event whose JSON type has to tell, is parsed.
+        if self.error.is_some() || !matches!(named, None | Some(EventName::Error)) {
+            return;
+        }
+        if let Some(data) = data.filter(|d| !d.is_empty())
+            && let Some((EventName::Error, ev)) = parse_event(named, data)
+        {
+            self.error = Some(ev.error.unwrap_or_default().into_api_error());
+        }
+    }
+
+    fn oversized(&mut self) {}
+}
+
+/// What [`SseReader`] reports its events to.
+trait SseHandler {
+    /// An event ended: `name` from its `event:` line (if any), `data` its `data:` lines
+    /// joined with `\n` (`None` without a data line; the data of an unwanted event, see
+    /// [`SseReader::event_wanted`], is not kept and is then empty).
+    fn event(&mut self, name: Option<EventName>, data: Option<&[u8]>);
+    /// A line or an event's data was over [`MAX_CAPTURE`] and skipped.
+    fn oversized(&mut self);
+}
+
+impl SseReader {
+    /// Reads SSE bytes. Whole lines are read where they lie in `chunk`, and the data of a
+    /// wanted event is handed over in place when the event ends in the same chunk (the
+    /// usual case: one event per frame). Only what a chunk leaves open is copied: the start
+    /// of an unfinished line, and the data of an event that has not ended yet (both bounded
+    /// by [`MAX_CAPTURE`]).
+    fn feed(&mut self, chunk: &[u8], h: &mut impl SseHandler) {
+        let mut pos = 0;
+        // The current event's data when it lies in `chunk` (then `self.data` is empty).
+        let mut here: Option<Range<usize>> = None;
+        match chunk.first() {
+            None => return,
+            Some(&first) => {
+                if std::mem::take(&mut self.after_cr) && first == b'\n' {
+                    pos = 1;
+                }
+            }
+        }
+        if self.line_open() {
+            let rest = &chunk[pos..];
+            let Some(i) = memchr2(b'\n', b'\r', rest) else {
+                self.carry(rest, h);
+                return;
+            };
+            self.carry(&rest[..i], h);
+            self.after_cr = rest[i] == b'\r';
+            pos += i + 1;
+            self.carried_line_end(chunk, &mut here, h);
+        }
+        while pos < chunk.len() {
+            if std::mem::take(&mut self.after_cr) && chunk[pos] == b'\n' {
+                pos += 1;
+                continue;
+            }
+            let Some(i) = memchr2(b'\n', b'\r', &chunk[pos..]) else {
+                self.carry(&chunk[pos..], h);
+                break;
+            };
+            let end = pos + i;
+            self.after_cr = chunk[end] == b'\r';
+            self.line(chunk, pos..end, &mut here, h);
+            pos = end + 1;
+        }
+        if let Some(r) = here {
+            // The event goes on in the next chunk: keep its data.
+            self.data.reserve(r.len().max(DATA_CAPACITY));
+            self.data.extend_from_slice(&chunk[r]);
+        }
+    }
+
+    /// A whole line of `chunk` (without its terminator).
+    fn line(
+        &mut self,
+        chunk: &[u8],
+        line: Range<usize>,
+        here: &mut Option<Range<usize>>,
+        h: &mut impl SseHandler,
+    ) {
+        let bytes = &chunk[line.clone()];
+        if bytes.is_empty() {
+            self.dispatch(chunk, here, h);
+            return;
+        }
+        if bytes.len() >= PREFIX
+            && let Some(data) = self.skips(bytes)
+        {
+            self.has_data |= data;
+            return;
+        }
+        if bytes.len() > MAX_CAPTURE {
+            h.oversized();
+            self.has_data |= bytes.starts_with(b"data");
+            return;
+        }
+        self.field(bytes, Some(line.start), chunk, here, h);
+    }
+
+    /// Keeps the start of a line that the chunk leaves unfinished (deciding from its first
+    /// bytes whether it is worth keeping).
+    fn carry(&mut self, mut seg: &[u8], h: &mut impl SseHandler) {
+        if self.skip_line {
+            return;
+        }
+        if !self.line_decided {
+            let need = PREFIX.saturating_sub(self.line.len()).min(seg.len());
+            if self.line.capacity() == 0 {
+                self.line.reserve(LINE_CAPACITY);
+            }
+            self.line.extend_from_slice(&seg[..need]);
+            seg = &seg[need..];
+            if self.line.len() >= PREFIX {
+                self.line_decided = true;
+                if let Some(data) = self.skips(&self.line) {
+                    self.skip_line = true;
+                    self.skipped_data = data;
+                    self.line.clear();
+                    return;
+                }
+            }
+        }
+        if self.line.len() + seg.len() > MAX_CAPTURE {
+            self.skip_line = true;
+            self.skipped_data = self.line.starts_with(b"data");
+            self.line.clear();
+            h.oversized();
+            return;
+        }
+        self.line.extend_from_slice(seg);
+    }
+
+    /// The end of the line kept by [`carry`](Self::carry).
+    fn carried_line_end(
+        &mut self,
+        chunk: &[u8],
+        here: &mut Option<Range<usize>>,
+        h: &mut impl SseHandler,
+    ) {
+        let skipped = self.skip_line;
+        self.skip_line = false;
+        self.line_decided = false;
+        if skipped {
+            // A skipped data line still belongs to an event that will be dispatched.
+            self.has_data |= std::mem::take(&mut self.skipped_data);
+            self.line.clear();
+            return;
+        }
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            self.dispatch(chunk, here, h);
+        } else {
+            self.field(&line, None, chunk, here, h);
+        }
+        // Keep the allocation for the next line.
+        self.line = line;
+        self.line.clear();
+    }
+
+    /// A kept, non-empty line: `event` and `data` fields count, others are ignored. `at` is
+    /// where `line` starts in `chunk`, when it lies there.
+    fn field(
+        &mut self,
+        line: &[u8],
+        at: Option<usize>,
+        chunk: &[u8],
+        here: &mut Option<Range<usize>>,
+        h: &mut impl SseHandler,
+    ) {
+        let (field, value, value_at) = match memchr(b':', line) {
+            Some(i) => match line.get(i + 1) {
+                Some(b' ') => (&line[..i], &line[i + 2..], i + 2),
+                _ => (&line[..i], &line[i + 1..], i + 1),
+            },
+            None => (line, &b""[..], line.len()),
+        };
+        match field {
+            b"event" => self.event = Some(EventName::of(value)),
+            b"data" => {
+                let held = here.as_ref().map_or(self.data.len(), Range::len);
+                if held + value.len() + 1 > MAX_CAPTURE {
+                    h.oversized();
+                } else if held == 0 {
+                    match at {
+                        _ if value.is_empty() => {}
+                        Some(at) => *here = Some(at + value_at..at + value_at + value.len()),
+                        None => {
+                            if self.data.capacity() == 0 {
+                                self.data.reserve(value.len().max(DATA_CAPACITY));
+                            }
+                            self.data.extend_from_slice(value);
+                        }
+                    }
+                } else {
+                    if let Some(r) = here.take() {
+                        self.data.reserve(r.len() + value.len() + 1);
+                        self.data.extend_from_slice(&chunk[r]);
+                    }
+                    // `held > 0`: a line has data, so `has_data` is set.
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                }
+                self.has_data = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, chunk: &[u8], here: &mut Option<Range<usize>>, h: &mut impl SseHandler) {
+        if !self.has_data && self.event.is_none() {
+            return;
+        }
+        let has_data = std::mem::take(&mut self.has_data);
+        let name = self.event.take();
+        if !has_data {
+            h.event(name, None);
+        } else if let Some(r) = here.take() {
+            h.event(name, Some(&chunk[r]));
+        } else {
+            h.event(name, Some(&self.data));
+            self.data.clear();
+        }
+    }
+
+    /// Whether a line was left unfinished by the previous chunk.
+    fn line_open(&self) -> bool {
+        self.skip_line || !self.line.is_empty()
+    }
+
+    /// Whether the event's data is worth keeping: the events that carry usage, errors or
+    /// completion, and events whose name is not known yet.
+    fn event_wanted(&self) -> bool {
+        self.event.is_none_or(|e| {
+            matches!(
+                e,
+                EventName::MessageStart
+                    | EventName::MessageDelta
+                    | EventName::MessageStop
+                    | EventName::Error
+            )
+        })
+    }
+
+    /// Decides from a line's first [`PREFIX`] bytes whether to skip it: `Some(true)` for a
+    /// data line of an unwanted event, `Some(false)` for a comment, `None` to keep it.
+    fn skips(&self, first: &[u8]) -> Option<bool> {
+        if first.first() == Some(&b':') {
+            Some(false)
+        } else if first.starts_with(b"data") && !self.event_wanted() {
+            Some(true)
+        } else {
+            None
         }
     }
 }
@@ -497,8 +638,9 @@ impl<'de> Deserialize<'de> for EventName {
     }
 }
 
+/// The SSE line and event reader shared by [`UsageScanner`] and [`FirstEvent`].
 #[derive(Debug, Clone, Default)]
-struct SseState {
+struct SseReader {
     /// The start of a line the previous chunk left unfinished (kept lines only).
     line: Vec<u8>,
     line_decided: bool,
@@ -510,39 +652,6 @@ struct SseState {
     /// The current event's data, when it did not end in the chunk that holds it.
     data: Vec<u8>,
     has_data: bool,
-}
-
-impl SseState {
-    /// Whether a line was left unfinished by the previous chunk.
-    fn line_open(&self) -> bool {
-        self.skip_line || !self.line.is_empty()
-    }
-
-    /// Whether the event's data is worth keeping: the events that carry usage, errors or
-    /// completion, and events whose name is not known yet.
-    fn event_wanted(&self) -> bool {
-        self.event.is_none_or(|e| {
-            matches!(
-                e,
-                EventName::MessageStart
-                    | EventName::MessageDelta
-                    | EventName::MessageStop
-                    | EventName::Error
-            )
-        })
-    }
-
-    /// Decides from a line's first [`PREFIX`] bytes whether to skip it: `Some(true)` for a
-    /// data line of an unwanted event, `Some(false)` for a comment, `None` to keep it.
-    fn skips(&self, first: &[u8]) -> Option<bool> {
-        if first.first() == Some(&b':') {
-            Some(false)
-        } else if first.starts_with(b"data") && !self.event_wanted() {
-            Some(true)
-        } else {
-            None
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -566,6 +675,16 @@ struct WireError {
     kind: Option<String>,
     message: Option<String>,
 }
+
+impl WireError {
+    fn into_api_error(self) -> ApiError {
+        ApiError {
+            error_type: self.kind.unwrap_or_else(|| "unknown_error".into()),
+            message: self.message.unwrap_or_default(),
+        }
+    }
+}
+
 // ===== JSON =====
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -836,10 +955,7 @@ impl JsonState {
                 .as_deref()
                 .and_then(|e| serde_json::from_slice::<WireError>(e).ok())
                 .unwrap_or_default();
-            r.error = Some(ApiError {
-                error_type: e.kind.unwrap_or_else(|| "unknown_error".into()),
-                message: e.message.unwrap_or_default(),
-            });
+            r.error = Some(e.into_api_error());
         }
     }
 }
@@ -1001,6 +1117,39 @@ data: {\"type\": \"message_stop\"}\n\n";
                 assert_eq!(s.finish(BodyEnd::Ended), whole, "split at {i} and {j}");
             }
         }
+    }
+
+    #[test]
+    fn first_event_agrees_with_the_scanner_however_the_stream_is_cut() {
+        let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Over\\\"loaded\"}}\n\n";
+        let unnamed = "data: {\"type\":\"error\",\"error\":{\"message\":\"m\"}}\n\n";
+        let late = format!(
+            "{}{error}",
+            &STREAM[..STREAM.find("event: content").unwrap_or(0)]
+        );
+        for body in [STREAM, TRICKY, error, unnamed, &late] {
+            let body = body.as_bytes();
+            for i in 0..=body.len() {
+                let mut scanner = UsageScanner::new(BodyFormat::Sse);
+                let mut peek = FirstEvent::new();
+                for chunk in [&body[..i], &body[i..]] {
+                    scanner.feed(chunk);
+                    peek.feed(chunk);
+                    assert_eq!(peek.ended(), scanner.events() > 0, "split at {i}");
+                    assert_eq!(peek.error(), scanner.error(), "split at {i}");
+                }
+            }
+        }
+        let mut peek = FirstEvent::new();
+        peek.feed(error.as_bytes());
+        let e = peek.error().unwrap();
+        assert_eq!(
+            (e.error_type.as_str(), e.message.as_str()),
+            ("overloaded_error", "Over\"loaded")
+        );
+        let mut peek = FirstEvent::new();
+        peek.feed(unnamed.as_bytes());
+        assert_eq!(peek.error().unwrap().error_type, "unknown_error");
     }
 
     #[test]
