@@ -4,7 +4,7 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
 use claude_core::{UsageBody, UsageHandle, UsageReport};
@@ -218,14 +218,13 @@ impl Tee {
         });
     }
 
-    /// Builds the entry and inserts it, on a task of its own: the copy and the insert never
-    /// delay the caller's last frame.
+    /// Builds the entry and stores it, here and now: the copy into one buffer, the hand-over
+    /// to the followers and the moka insert run as the body ends (a task spawned per miss
+    /// cost more than the store itself: on a multi-threaded runtime it wakes another worker).
+    /// Only work that has to wait goes to a task: an insert that moka cannot finish at once
+    /// (its write queue is full), and the write to the second level.
     fn store(&mut self, report: &UsageReport) {
         let Some(pending) = self.pending.take() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            metrics::counter!(metric_names::NOT_STORED, "reason" => "no_runtime").increment(1);
             return;
         };
         if let Some(guard) = &pending.guard {
@@ -238,21 +237,41 @@ impl Tee {
             model: self.head.model.take(),
             lifetime: self.head.lifetime,
         };
-        let report = report.clone();
-        rt.spawn(async move {
-            let entry = Arc::new(Entry::new(head, &frames, report));
-            drop(frames);
-            if let Some(guard) = &pending.guard {
-                guard.publish(entry.clone());
+        let entry = Arc::new(Entry::new(head, &frames, report.clone()));
+        drop(frames);
+        if let Some(guard) = &pending.guard {
+            guard.publish(entry.clone());
+        }
+        let mut insert = Box::pin(insert(pending, entry));
+        let mut cx = Context::from_waker(Waker::noop());
+        if insert.as_mut().poll(&mut cx).is_ready() {
+            return;
+        }
+        // Polled again by the task, with its own waker: no wake-up is lost.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(insert)),
+            Err(_) => {
+                metrics::counter!(metric_names::NOT_STORED, "reason" => "no_runtime").increment(1);
             }
-            pending.shared.insert(pending.key, entry.clone()).await;
-            #[cfg(feature = "redis")]
-            let (shared, key) = (pending.shared.clone(), pending.key);
-            // The guard leaves the in-flight map only now that the entry is in the cache.
-            drop(pending);
-            #[cfg(feature = "redis")]
-            shared.write_through(&key, &entry).await;
-        });
+        }
+    }
+}
+
+/// Inserts a stored answer into moka, then lets its flight go (and, with a second level,
+/// has a task write the answer there).
+async fn insert(pending: Pending, entry: Arc<Entry>) {
+    pending.shared.insert(pending.key, entry.clone()).await;
+    #[cfg(feature = "redis")]
+    let (shared, key) = (pending.shared.clone(), pending.key);
+    // The guard leaves the in-flight map only now that the entry is in the cache.
+    drop(pending);
+    #[cfg(feature = "redis")]
+    if shared.l2.is_some() {
+        // Network I/O: never on the caller's poll. (A second level needs a runtime to
+        // exist at all, so there is one.)
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            drop(rt.spawn(async move { shared.write_through(&key, &entry).await }));
+        }
     }
 }
 

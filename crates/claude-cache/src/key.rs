@@ -39,9 +39,16 @@
 //! object, loses the written form of numbers, and its key order depends on whether some
 //! crate in the build enabled `serde_json/preserve_order`. Here, the runs of a string between
 //! escapes are copied as they are (a `memchr` scan plus a UTF-8 and control-character
-//! check), escapes are decoded in place, each object whose keys are not already sorted costs
-//! one extra copy of its bytes, and nesting is limited to [`MAX_DEPTH`] levels. The cost is
-//! linear in the body; the `cache` bench measures it on a 100 KB request.
+//! check), escapes are decoded in place, and nesting is limited to [`MAX_DEPTH`] levels. The
+//! parse writes each value once, with each object's members in the order they came; an
+//! object whose keys are not in order (most requests: the SDKs write `model` before
+//! `messages`) is not rewritten but recorded, and its members are put in order as the
+//! canonical form is written into the BLAKE3 hasher (through an 8 KiB buffer on the stack
+//! for the small pieces), so no part of the body is copied more than once. The canonical
+//! form is still built whole in one buffer about as large as the body before it is hashed:
+//! the key hashes its length before it (the layout above, which cannot change without
+//! changing every key), and an object's members can only be ordered once all are read.
+//! The cost is linear in the body; the `cache` bench measures it on a 100 KB request.
 //!
 //! A body that is not valid JSON (or nests too deeply) has no key: the layer passes such a
 //! request through uncached ([`crate::BypassReason::InvalidBody`]) and the client gets
@@ -110,7 +117,7 @@ impl CacheKey {
         body: &[u8],
         ignore: &[S],
     ) -> Result<Self, KeyError> {
-        let canonical = canonical_json(body, ignore)?;
+        let canonical = Canon::run(body, ignore)?;
         let mut h = blake3::Hasher::new();
         field(&mut h, DOMAIN);
         let (kind, id): (&[u8], &str) = match scope {
@@ -128,7 +135,12 @@ impl CacheKey {
         for b in &betas {
             field(&mut h, b);
         }
-        field(&mut h, &canonical);
+        // The canonical form is written straight into the hasher, objects' members in their
+        // canonical order, after its length (as `field` would write it).
+        h.update(&(canonical.len() as u64).to_le_bytes());
+        let mut sink = HashSink::new(&mut h);
+        canonical.write(&mut sink);
+        sink.flush();
         Ok(Self(*h.finalize().as_bytes()))
     }
 
@@ -238,21 +250,65 @@ impl KeyError {
 /// [`KeyError`] when `input` is not one valid JSON value (surrounded by optional
 /// whitespace), or nests deeper than [`MAX_DEPTH`].
 pub fn canonical_json<S: AsRef<str>>(input: &[u8], ignore: &[S]) -> Result<Vec<u8>, KeyError> {
-    let mut c = Canon {
-        src: input,
-        pos: 0,
-        out: Vec::with_capacity(input.len()),
-        spans: Vec::new(),
-        scratch: Vec::new(),
-        depth: 0,
-    };
-    c.skip_ws();
-    c.value(Some(ignore))?;
-    c.skip_ws();
-    if c.pos != input.len() {
-        return Err(c.err("trailing characters"));
+    let c = Canon::run(input, ignore)?;
+    if c.reorders.is_empty() {
+        // Every object was in order with nothing left out: `out` is the canonical form.
+        return Ok(c.out);
     }
-    Ok(c.out)
+    let mut v = Vec::with_capacity(c.len());
+    c.write(&mut v);
+    Ok(v)
+}
+
+/// Where [`Canon::write`] puts the canonical form.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Feeds a BLAKE3 hasher: small pieces (object members written out of place) are gathered
+/// in a buffer on the stack, large ones go to the hasher directly (BLAKE3 hashes several
+/// 1 KiB chunks at once only when it is given them at once).
+struct HashSink<'h> {
+    hasher: &'h mut blake3::Hasher,
+    buf: [u8; HASH_BUF],
+    len: usize,
+}
+
+const HASH_BUF: usize = 8 * 1024;
+
+impl<'h> HashSink<'h> {
+    fn new(hasher: &'h mut blake3::Hasher) -> Self {
+        Self {
+            hasher,
+            buf: [0; HASH_BUF],
+            len: 0,
+        }
+    }
+
+    fn flush(&mut self) {
+        self.hasher.update(&self.buf[..self.len]);
+        self.len = 0;
+    }
+}
+
+impl Sink for HashSink<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > HASH_BUF {
+            self.flush();
+            if bytes.len() >= HASH_BUF {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
 }
 
 /// One object member in `out`: `"key":value` spans `start..end`, the key `start..key_end`.
@@ -263,6 +319,19 @@ struct Span {
     end: usize,
 }
 
+/// An object whose members are not written in canonical order in `out` (or has members to
+/// leave out): its `{` is `out[open]`, its members lie in `out[open + 1..end]`, and are
+/// written as `Canon::members[members]` lists them.
+struct Reorder {
+    open: usize,
+    end: usize,
+    members: std::ops::Range<usize>,
+}
+
+/// The canonicaliser: one pass over the input writes every value canonically into `out`,
+/// with each object's members in their input order; an object whose members are not in
+/// canonical order is recorded (a [`Reorder`]) rather than rewritten, and
+/// [`write`](Self::write) puts the members in order as it writes `out` out.
 struct Canon<'a> {
     src: &'a [u8],
     pos: usize,
@@ -270,11 +339,76 @@ struct Canon<'a> {
     /// A stack of member spans shared by all open objects (each uses the part above the
     /// length it found on entry).
     spans: Vec<Span>,
-    scratch: Vec<u8>,
+    /// The objects to write in another order, by position once the parse is done.
+    reorders: Vec<Reorder>,
+    /// The members of those objects, in canonical order, ignored ones left out.
+    members: Vec<Span>,
+    /// The bytes of `out` that the canonical form leaves out (ignored members).
+    removed: usize,
     depth: usize,
 }
 
-impl Canon<'_> {
+impl<'a> Canon<'a> {
+    /// Parses `input` (see [`canonical_json`]).
+    fn run<S: AsRef<str>>(input: &'a [u8], ignore: &[S]) -> Result<Self, KeyError> {
+        let mut c = Canon {
+            src: input,
+            pos: 0,
+            out: Vec::with_capacity(input.len()),
+            spans: Vec::new(),
+            reorders: Vec::new(),
+            members: Vec::new(),
+            removed: 0,
+            depth: 0,
+        };
+        c.skip_ws();
+        c.value(Some(ignore))?;
+        c.skip_ws();
+        if c.pos != input.len() {
+            return Err(c.err("trailing characters"));
+        }
+        // Objects finish inner first; `write` looks them up by position.
+        c.reorders.sort_unstable_by_key(|r| r.open);
+        Ok(c)
+    }
+
+    /// The length of the canonical form.
+    fn len(&self) -> usize {
+        self.out.len() - self.removed
+    }
+
+    /// Writes the canonical form.
+    fn write(&self, sink: &mut impl Sink) {
+        self.write_range(0, self.out.len(), sink);
+    }
+
+    /// Writes `out[from..to]` (a whole value, member, or run of them) canonically.
+    fn write_range(&self, mut from: usize, to: usize, sink: &mut impl Sink) {
+        loop {
+            let next = self.reorders.partition_point(|r| r.open < from);
+            match self.reorders.get(next) {
+                Some(r) if r.open < to => {
+                    // Up to the `{`; the members follow it, so the lookups below do not
+                    // find this object again.
+                    sink.put(&self.out[from..=r.open]);
+                    for (i, m) in self.members[r.members.clone()].iter().enumerate() {
+                        if i > 0 {
+                            sink.put(b",");
+                        }
+                        // Nested objects lie inside one member: the recursion is as deep as
+                        // the nesting (at most MAX_DEPTH).
+                        self.write_range(m.start, m.end, sink);
+                    }
+                    from = r.end;
+                }
+                _ => {
+                    sink.put(&self.out[from..to]);
+                    return;
+                }
+            }
+        }
+    }
+
     fn err(&self, reason: &'static str) -> KeyError {
         KeyError {
             reason,
@@ -539,7 +673,8 @@ impl Canon<'_> {
         Ok(())
     }
 
-    /// Sorts the members written since `first` (spans above `base`) and drops ignored ones.
+    /// Records the canonical order of the members written since `first` (spans above
+    /// `base`), ignored ones left out, unless they are in order already.
     fn finish_object<S: AsRef<str>>(&mut self, first: usize, base: usize, ignore: Option<&[S]>) {
         let out = &self.out;
         let key = |s: &Span| &out[s.start..s.key_end];
@@ -562,17 +697,18 @@ impl Canon<'_> {
         }
         // Stable: duplicate keys keep their order.
         members.sort_by(|a, b| key(a).cmp(key(b)));
-        let kept: Vec<Span> = members.iter().filter(|s| !ignored(s)).copied().collect();
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&self.out[first..]);
-        self.out.truncate(first);
-        for (i, s) in kept.iter().enumerate() {
-            if i > 0 {
-                self.out.push(b',');
-            }
-            self.out
-                .extend_from_slice(&self.scratch[s.start - first..s.end - first]);
-        }
+        let at = self.members.len();
+        self.members
+            .extend(members.iter().filter(|s| !ignored(s)).copied());
+        let kept = &self.members[at..];
+        let kept_len =
+            kept.iter().map(|s| s.end - s.start).sum::<usize>() + kept.len().saturating_sub(1);
+        self.removed += out.len() - first - kept_len;
+        self.reorders.push(Reorder {
+            open: first - 1,
+            end: out.len(),
+            members: at..self.members.len(),
+        });
         self.spans.truncate(base);
     }
 }
@@ -919,6 +1055,215 @@ mod tests {
         assert_ne!(a, with(&["a-1"]));
         // Field boundaries: one beta "a-1b-2" is not "a-1" + "b-2".
         assert_ne!(with(&["a-1b-2"]), a);
+    }
+
+    /// Request bodies whose keys were computed by the canonicaliser as it was before the
+    /// canonical form went straight into the hasher: SDK member order (nothing sorted),
+    /// sorted input, escapes, duplicates, nesting, ignored and kept `metadata`.
+    const GOLDEN_BODIES: &[&str] = &[
+        r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"max_tokens":5,"messages":[{"content":"hi","role":"user"}],"model":"m"}"#,
+        r#"{ "model" : "claude-sonnet-4-5", "max_tokens" : 1024, "stream" : true, "metadata" : {"user_id":"u"}, "system" : "S\u00e9\n\"q\"\/", "messages" : [ {"role":"user","content":[{"type":"text","text":"a\tb","cache_control":{"type":"ephemeral","ttl":"1h"}}]}, {"role":"assistant","content":"ok"} ], "temperature" : 0.70, "top_k" : 1e2 }"#,
+        r#"{"metadata":{"user_id":"u"},"z":[{"b":{"d":1,"c":[{"f":0,"e":{}}]},"a":-0.5E-3}],"a":null}"#,
+        r#"{"b":0,"a":1,"a":2,"\u0061":3,"metadata":1,"metadata":2}"#,
+        r#"{"a":{"metadata":{"y":1,"x":2}},"metadatas":1,"metadat":2," ":3,"!":4,"\n":5}"#,
+        r#"[{"b":1,"a":2},{"d":{"f":1,"e":2},"c":3},[],{},"x",1.0,true,false,null]"#,
+        r#""just a string \ud83d\ude00 \u0001""#,
+        r#"{"tools":[{"name":"t","input_schema":{"type":"object","properties":{"q":{"type":"string"}},"required":["q"]}}],"tool_choice":{"type":"auto"},"model":"m","messages":[]}"#,
+        "{}",
+        "[]",
+        "12345678901234567890123",
+    ];
+
+    fn golden_key(body: &str, scope: CacheScope) -> CacheKey {
+        let mut r = request_owned(body);
+        r.extensions_mut().insert(Tenant::new("team-a"));
+        r.headers_mut()
+            .append("anthropic-beta", HeaderValue::from_static("b-2, a-1"));
+        let config = CacheConfig {
+            scope,
+            ..CacheConfig::default()
+        };
+        CacheKey::for_request(&r, &config).unwrap()
+    }
+
+    fn request_owned(body: &str) -> Request<Bytes> {
+        Request::post("/v1/messages?beta=true")
+            .header("anthropic-version", "2023-06-01")
+            .body(Bytes::from(body.to_owned()))
+            .unwrap()
+    }
+
+    /// A 100 KB conversation in SDK member order, with escapes and nested unsorted objects.
+    fn big_body() -> String {
+        use std::fmt::Write as _;
+        let mut b = String::from(
+            r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"system":"You are helpful.","metadata":{"user_id":"u-1"},"messages":["#,
+        );
+        let mut i = 0;
+        while b.len() < 100_000 {
+            if i > 0 {
+                b.push(',');
+            }
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            write!(
+                b,
+                r#"{{"role":"{role}","content":[{{"type":"text","text":"Turn {i}: \"quoted\"\ttab caf\u00e9 \ud83d\ude00 {}","cache_control":{{"type":"ephemeral"}}}}]}}"#,
+                "lorem ipsum dolor sit amet ".repeat(i % 7 * 5)
+            )
+            .unwrap();
+            i += 1;
+        }
+        b.push_str("]}");
+        b
+    }
+
+    /// The keys of [`GOLDEN_BODIES`] and then [`big_body`], `(tenant scope, shared scope)`,
+    /// as the canonicaliser computed them when it built the whole canonical form in a `Vec`
+    /// (reordering objects in place) before hashing it: keys must never change silently.
+    const GOLDEN_KEYS: &[(&str, &str)] = &[
+        (
+            "3b49015c7a75a15cb717449f684b1aede8e406a21f08f01eecc751cd5b1882ec",
+            "bb61de872db1c4f911e7a5e93ef2e06d97a7eca0464a275f4e6b735c82453fe2",
+        ),
+        (
+            "3b49015c7a75a15cb717449f684b1aede8e406a21f08f01eecc751cd5b1882ec",
+            "bb61de872db1c4f911e7a5e93ef2e06d97a7eca0464a275f4e6b735c82453fe2",
+        ),
+        (
+            "ed798e3c28f45b676bcea9a54573bea71381fb30c31b86322e280a148abdc8a1",
+            "1b961ccfb3afc3d6b32088b507a7349f0cacb37f0de179f3e991469a40053a82",
+        ),
+        (
+            "4271c82b5ab0c5980be8d1adb240c704793bb9bbf0e7a90ed235beaafbd2d6d1",
+            "900ef099f5dc17df8a2c594a494895c660ae05d18850a0563033c3dd59d9d113",
+        ),
+        (
+            "04fad8d361756a4b46479ceb0e76c2d9a5cd1005f10815599759eeb64593f214",
+            "339d5e3fcabb145aa6d4df2d6edc181eb7828fbb6240387357fc21aad1d99ff4",
+        ),
+        (
+            "b8da5acae3d8519dfe3022a62be56ea6cff29fb807f7b53decd6b804ed7626de",
+            "0ad236b9b1559b247a723247205ac8dac2a862847b76f1286a9449614d957529",
+        ),
+        (
+            "ad71c0190c2cc26eedcd506e1db9ffa1e417760f37d60b15c83071bb1f211e86",
+            "1cbfdb171155ac2db69b9a5e4c35f83a444a6f5bd574451712463a642f50fc41",
+        ),
+        (
+            "31e4400b8599f668b674e21898c84c98dea45b83102c6401eddb562cdaf5c72b",
+            "a78dc16e1361b54d6b094f847fa8be862c0291a23dd79d5b79397d897d16a545",
+        ),
+        (
+            "f9ae57ce3424cafb5161edb427f62d2fedfe1058da98a0540de5968e96d5d930",
+            "ac136a2b3af81a964552db44159b0febffde321ff6bbd0fc34b109b9e0205f3d",
+        ),
+        (
+            "33aaf711e13c44c17b306547b92c983b4d72089bc66a191ee2c7cb8c614b1090",
+            "f3a9700c93999b412efa03de6513595a1f67f72c4139854e7ddc77b0d7bb5b59",
+        ),
+        (
+            "545d454b6c4774d2565b52bd8e5bafcdb9167165385c72dc1d745ab0b5ffa047",
+            "eb53a5665c1a570f9b9954f9b38a6a432a440057d66f0f09b124f355585674bf",
+        ),
+        (
+            "ec89cb4b71b8e2a444692d54988149802888865b81d77b82be6b5845c75e75e3",
+            "b1fcc4a3351fb7024ed3a13d79ebc9d8763f377e9aa91e46dc1a986a43d97ef6",
+        ),
+        (
+            "537b1ecaf3648c25c7aef5a5c9fc00f2f5c721c9e160ca2df7a9b3310d5580ff",
+            "6c8d4b3100d1afe679334e5f6b477034244d76f282cb4745fd1f4762d171dbe7",
+        ),
+    ];
+
+    #[test]
+    fn keys_are_unchanged() {
+        let big = big_body();
+        let bodies = GOLDEN_BODIES.iter().copied().chain([big.as_str()]);
+        assert_eq!(bodies.clone().count(), GOLDEN_KEYS.len());
+        for (body, (tenant, shared)) in bodies.zip(GOLDEN_KEYS) {
+            assert_eq!(
+                golden_key(body, CacheScope::Tenant).to_string(),
+                *tenant,
+                "{body}"
+            );
+            assert_eq!(
+                golden_key(body, CacheScope::Shared).to_string(),
+                *shared,
+                "{body}"
+            );
+        }
+    }
+
+    /// The key of a shared-scope `messages` request with no query and no headers, hashed
+    /// from canonical bytes given in full (the layout of the module docs).
+    fn key_of_canonical(canonical: &[u8]) -> CacheKey {
+        let mut h = blake3::Hasher::new();
+        for f in [DOMAIN, b"shared", b"", b"messages"] {
+            field(&mut h, f);
+        }
+        optional(&mut h, None);
+        optional(&mut h, None);
+        h.update(&0u64.to_le_bytes());
+        field(&mut h, canonical);
+        CacheKey(*h.finalize().as_bytes())
+    }
+
+    /// A JSON text with random whitespace, member order, duplicate keys, escapes, and
+    /// strings long enough to cross the hasher's buffer.
+    fn json_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let ws = prop_oneof![Just(""), Just(""), Just(" "), Just("\n\t ")];
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("-0.50E+3".to_owned()),
+            Just("12345678901234567890123".to_owned()),
+            "[a-z\\u{e9}\"\\\\
+/]{0,12}"
+                .prop_map(|t| serde_json::to_string(&t).unwrap()),
+            Just(r#""\u00e9\/\ud83d\ude00\u0001""#.to_owned()),
+            (0usize..3, 0usize..12_000)
+                .prop_map(|(k, n)| format!("\"{}\"", ["x", "\\n", "é"][k].repeat(n))),
+        ];
+        leaf.prop_recursive(5, 64, 8, move |inner| {
+            let ws = ws.clone();
+            prop_oneof![
+                proptest::collection::vec((inner.clone(), ws.clone()), 0..6).prop_map(|items| {
+                    let items: Vec<String> = items
+                        .into_iter()
+                        .map(|(v, w)| format!("{w}{v}{w}"))
+                        .collect();
+                    format!("[{}]", items.join(","))
+                }),
+                proptest::collection::vec(
+                    ("[abm]|metadata|\\u0061|\\u006detadata", inner, ws),
+                    0..6
+                )
+                .prop_map(|members| {
+                    let members: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, v, w)| format!("{w}\"{k}\"{w}:{w}{v}{w}"))
+                        .collect();
+                    format!("{{{}}}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..proptest::prelude::ProptestConfig::default() })]
+
+        /// The canonical form hashed piece by piece gives the key of the canonical form
+        /// hashed whole, and that form is a fixed point.
+        #[test]
+        fn the_key_hashes_the_canonical_form(doc in json_text(), ignore_b in proptest::bool::ANY) {
+            let ignore: &[&str] = if ignore_b { &["metadata", "b"] } else { &["metadata"] };
+            let canonical = canonical_json(doc.as_bytes(), ignore).unwrap();
+            let key = CacheKey::from_parts(None, Endpoint::Messages, None, &HeaderMap::new(), doc.as_bytes(), ignore).unwrap();
+            proptest::prop_assert_eq!(key, key_of_canonical(&canonical));
+            proptest::prop_assert_eq!(canonical_json(&canonical, NONE).unwrap(), canonical);
+        }
     }
 
     #[test]

@@ -99,11 +99,15 @@
 //! On a miss the body is wrapped (after [`claude_core::observe_usage`], so the usage scan is
 //! shared with the other layers): each frame goes to the caller the moment it arrives and a
 //! refcounted clone of it is kept, up to the size cap (past it the clones are dropped at
-//! once). When the body ends and the usage report says it completed, the store runs on a
-//! task of its own: it copies the frames into one exactly sized buffer (see below), hands
-//! the entry to waiting followers and inserts it into moka. Neither the copy nor the async
-//! insert delays the caller's last frame. With no tokio runtime to spawn on, nothing is
-//! stored.
+//! once). When the body ends and the usage report says it completed, the answer is stored
+//! there and then, before the last frame is handed on: the frames are copied into one
+//! exactly sized buffer (see below; about a microsecond for a small answer), the entry goes
+//! to the waiting followers and into moka. A task is spawned only for work that has to
+//! wait: an insert that moka cannot finish at once (its write queue is full) and the write
+//! to the Redis second level. (A task per miss used to do the whole store; on a
+//! multi-threaded runtime it woke another worker for every miss, which cost more than the
+//! store itself.) With no tokio runtime, an insert that cannot finish at once is abandoned
+//! and counted as not stored (`no_runtime`).
 //!
 //! Why copy once at store time instead of keeping the frames: a `Bytes` frame from hyper is
 //! a slice of the connection's read buffer, and holding it keeps the whole buffer (8 KiB or

@@ -609,6 +609,33 @@ mod tests {
         assert_eq!(h.bytes(), h.weighted_size());
     }
 
+    /// Polls `fut` to its end with a waker that does nothing, outside any runtime.
+    fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                return out;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_miss_is_stored_as_its_body_ends_with_no_task_and_no_runtime() {
+        let up = Upstream::default();
+        let svc = Cache::new(up.clone(), CacheConfig::default());
+        let h = svc.handle();
+        assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Miss);
+        assert_eq!(
+            h.in_flight(),
+            0,
+            "stored, and the flight gone, by the body's end"
+        );
+        assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Hit);
+        assert_eq!(up.calls(), 1);
+    }
+
     #[tokio::test]
     async fn a_body_dropped_or_failed_midway_stores_nothing_and_leaves_no_flight() {
         let up = Upstream::default();

@@ -11,7 +11,8 @@
 //! - [`headers`]: header names and parsers (`retry-after`, `retry-after-ms`,
 //!   `anthropic-ratelimit-*`, RFC 3339).
 //! - [`RequestMeta`] and [`Tenant`]: what a request is about and who sends it.
-//! - [`Usage`], [`UsageScanner`], [`observe_usage`]: usage from JSON and SSE bodies.
+//! - [`Usage`], [`UsageScanner`], [`observe_usage`]: usage from JSON and SSE bodies;
+//!   [`FirstEvent`]: whether a stream failed at its first event.
 //! - [`collect_body`] and [`into_full`]: the body adapters at the edges.
 //! - `redis` (feature `redis`): the Redis connection, timeouts and failure policy that the
 //!   shared cache, rate limits and budgets have in common.
@@ -67,5 +68,5 @@ pub use meta::{
     Attempt, CacheHit, Endpoint, RequestMeta, Tenant, Validity, estimate_tokens_from_bytes,
     model_family,
 };
-pub use scan::{ApiError, BodyEnd, BodyFormat, UsageReport, UsageScanner};
+pub use scan::{ApiError, BodyEnd, BodyFormat, FirstEvent, UsageReport, UsageScanner};
 pub use usage::{CacheCreation, ServerToolUse, ServiceTier, Usage};

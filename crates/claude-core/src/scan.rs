@@ -4,7 +4,13 @@
 //!   `message_delta` usage replaces the fields it carries (the API's counts are cumulative:
 //!   never summed). `ping` and unknown events are ignored; `event: error` is captured;
 //!   `message_stop` marks completion. Lines are split across any frame boundary (`\n`,
-//!   `\r\n`, `\r`).
+//!   `\r\n`, `\r`). Lines are read where they lie in the frame, and an event that starts
+//!   and ends in one frame (the usual case: the API sends one event per frame) has its data
+//!   parsed in place; only the start of a line or of an event that a frame leaves unfinished
+//!   is copied, into a buffer carried to the next frame. Events are told apart by their
+//!   `event:` name: the data of `ping`, `content_block_*` and unknown events is neither kept
+//!   nor parsed, and nothing of an event's JSON is copied but the strings the report keeps
+//!   (`model`, the error).
 //! - **JSON**: an incremental tokenizer tracks nesting and strings and captures only the
 //!   top-level `usage`, `model`, `type` and `error` values; the rest (the content text) is
 //!   skipped without copying.
@@ -12,6 +18,8 @@
 //! Memory is bounded whatever the input: a line or captured value longer than
 //! [`MAX_CAPTURE`] is skipped (and counted in [`UsageReport::oversized`]). The scanner never
 //! panics on arbitrary bytes.
+
+use std::ops::Range;
 
 use memchr::{memchr, memchr2};
 use serde::Deserialize;
@@ -109,7 +117,7 @@ pub struct UsageScanner {
     format: BodyFormat,
     merge: UsageMerge,
     report: UsageReport,
-    sse: SseState,
+    sse: SseReader,
     json: JsonState,
 }
 
@@ -123,7 +131,7 @@ impl UsageScanner {
                 format,
                 ..UsageReport::default()
             },
-            sse: SseState::default(),
+            sse: SseReader::default(),
             json: JsonState::default(),
         }
     }
@@ -182,147 +190,49 @@ impl UsageScanner {
 
     // ===== SSE =====
 
-    fn feed_sse(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.sse.after_cr {
-                self.sse.after_cr = false;
-                if data[0] == b'\n' {
-                    data = &data[1..];
-                    continue;
-                }
-            }
-            let nl = memchr2(b'\n', b'\r', data);
-            let (segment, rest, line_end) = match nl {
-                Some(i) => (&data[..i], &data[i + 1..], Some(data[i])),
-                None => (data, &data[data.len()..], None),
-            };
-            self.sse_segment(segment);
-            if let Some(b) = line_end {
-                self.sse.after_cr = b == b'\r';
-                self.sse_line_end();
-            }
-            data = rest;
-        }
+    fn feed_sse(&mut self, chunk: &[u8]) {
+        let mut events = UsageEvents {
+            merge: &mut self.merge,
+            report: &mut self.report,
+        };
+        self.sse.feed(chunk, &mut events);
     }
+}
 
-    fn sse_segment(&mut self, mut seg: &[u8]) {
-        let s = &mut self.sse;
-        if s.skip_line {
-            return;
-        }
-        // Decide from the line's first bytes whether it is worth keeping.
-        if !s.line_decided {
-            let need = PREFIX.saturating_sub(s.line.len()).min(seg.len());
-            s.line.extend_from_slice(&seg[..need]);
-            seg = &seg[need..];
-            if s.line.len() >= PREFIX || !seg.is_empty() {
-                s.line_decided = true;
-                if s.line.first() == Some(&b':')
-                    || (s.line.starts_with(b"data") && !s.event_wanted())
-                {
-                    s.skip_line = true;
-                    s.skipped_data = s.line.starts_with(b"data");
-                    s.line.clear();
-                    return;
-                }
-            }
-        }
-        if s.line.len() + seg.len() > MAX_CAPTURE {
-            s.skip_line = true;
-            s.skipped_data = s.line.starts_with(b"data");
-            s.line.clear();
-            self.report.oversized += 1;
-            return;
-        }
-        s.line.extend_from_slice(seg);
-    }
+/// The SSE side of [`UsageScanner`]: what it does with each event.
+struct UsageEvents<'a> {
+    merge: &'a mut UsageMerge,
+    report: &'a mut UsageReport,
+}
 
-    fn sse_line_end(&mut self) {
-        let s = &mut self.sse;
-        let skipped = s.skip_line;
-        s.skip_line = false;
-        s.line_decided = false;
-        if skipped {
-            // A skipped data line still belongs to an event that will be dispatched.
-            s.has_data |= std::mem::take(&mut s.skipped_data);
-            s.line.clear();
-            return;
-        }
-        let line = std::mem::take(&mut s.line);
-        if line.is_empty() {
-            self.sse_dispatch();
-        } else {
-            let (field, value) = match memchr(b':', &line) {
-                Some(i) => {
-                    let v = &line[i + 1..];
-                    (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
-                }
-                None => (&line[..], &b""[..]),
-            };
-            match field {
-                b"event" => {
-                    s.event.clear();
-                    s.event.extend_from_slice(value);
-                    s.has_event = true;
-                }
-                b"data" => {
-                    if s.data.len() + value.len() + 1 > MAX_CAPTURE {
-                        self.report.oversized += 1;
-                    } else {
-                        if s.has_data && !s.data.is_empty() {
-                            s.data.push(b'\n');
-                        }
-                        s.data.extend_from_slice(value);
-                    }
-                    s.has_data = true;
-                }
-                _ => {}
-            }
-            // Keep the allocation for the next line.
-            s.line = line;
-            s.line.clear();
-        }
-    }
-
-    fn sse_dispatch(&mut self) {
-        let s = &mut self.sse;
-        if !s.has_data && !s.has_event {
-            return;
-        }
-        let data = std::mem::take(&mut s.data);
-        let has_data = s.has_data;
-        s.has_data = false;
-        s.has_event = false;
+impl SseHandler for UsageEvents<'_> {
+    fn event(&mut self, name: Option<EventName>, data: Option<&[u8]>) {
         self.report.events += 1;
-        let name = std::mem::take(&mut s.event);
-        if has_data {
-            self.handle_event(&name, &data);
-        }
-        let s = &mut self.sse;
-        s.event = name;
-        s.event.clear();
-        s.data = data;
-        s.data.clear();
-    }
-
-    fn handle_event(&mut self, name: &[u8], data: &[u8]) {
-        if data.is_empty() {
+        let Some(data) = data.filter(|d| !d.is_empty()) else {
             return;
+        };
+        let named = name.filter(|n| *n != EventName::Empty);
+        match named {
+            // Nothing to learn from these: no parse.
+            Some(EventName::Other) => return,
+            // The exact data the API sends: no parse needed to know it is valid.
+            Some(EventName::MessageStop) if data == MESSAGE_STOP => {
+                self.report.completed = true;
+                return;
+            }
+            _ => {}
         }
-        let Ok(ev) = serde_json::from_slice::<SseEvent>(data) else {
-            if matches!(name, b"message_start" | b"message_delta" | b"error") {
+        let Some((kind, ev)) = parse_event(named, data) else {
+            if matches!(
+                named,
+                Some(EventName::MessageStart | EventName::MessageDelta | EventName::Error)
+            ) {
                 self.report.oversized += 1;
             }
             return;
         };
-        // The `event:` name wins; without one, the JSON `type` says what it is.
-        let kind: &str = if name.is_empty() {
-            ev.kind.as_deref().unwrap_or("")
-        } else {
-            std::str::from_utf8(name).unwrap_or("")
-        };
         match kind {
-            "message_start" => {
+            EventName::MessageStart => {
                 if let Some(m) = ev.message {
                     if let Some(u) = &m.usage {
                         self.merge.apply(u);
@@ -332,55 +242,422 @@ impl UsageScanner {
                     }
                 }
             }
-            "message_delta" => {
+            EventName::MessageDelta => {
                 if let Some(u) = &ev.usage {
                     self.merge.apply(u);
                 }
             }
-            "message_stop" => self.report.completed = true,
-            "error" if self.report.error.is_none() => {
-                let e = ev.error.unwrap_or_default();
-                self.report.error = Some(ApiError {
-                    error_type: e.kind.unwrap_or_else(|| "unknown_error".into()),
-                    message: e.message.unwrap_or_default(),
-                });
+            EventName::MessageStop => self.report.completed = true,
+            EventName::Error if self.report.error.is_none() => {
+                self.report.error = Some(ev.error.unwrap_or_default().into_api_error());
             }
             _ => {}
+        }
+    }
+
+    fn oversized(&mut self) {
+        self.report.oversized += 1;
+    }
+}
+
+/// Parses an event's data: its kind (the `event:` name, or without one the JSON `type`)
+/// and the fields the scanner reads. `None` when the data is not such JSON.
+fn parse_event(named: Option<EventName>, data: &[u8]) -> Option<(EventName, SseEvent)> {
+    let ev = serde_json::from_slice::<SseEvent>(data).ok()?;
+    Some((named.or(ev.kind).unwrap_or(EventName::Empty), ev))
+}
+
+/// The start of a server-sent-event stream, read up to the end of its first event without
+/// parsing anything but an `event: error`: enough to decide whether a stream failed before
+/// it began (and may be retried, since its reader has seen nothing yet).
+///
+/// It reads every frame it is fed to the end, as [`UsageScanner`] does, so an error event
+/// that follows the first event in the same frame is seen too. Lines and events split
+/// across frames are joined as the scanner joins them, with the same bound
+/// ([`MAX_CAPTURE`]); [`error`](Self::error) is what the scanner's
+/// [`UsageReport::error`] would be for the same bytes.
+///
+/// ```
+/// use claude_core::scan::FirstEvent;
+///
+/// let mut peek = FirstEvent::new();
+/// peek.feed(b"event: error\ndata: {\"type\":\"error\",\"error\":");
+/// assert!(!peek.ended());
+/// peek.feed(b"{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n");
+/// assert!(peek.ended());
+/// assert_eq!(peek.error().map(|e| e.error_type.as_str()), Some("overloaded_error"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct FirstEvent {
+    sse: SseReader,
+    peek: FirstEventPeek,
+}
+
+#[derive(Debug, Clone, Default)]
+struct FirstEventPeek {
+    events: u64,
+    error: Option<ApiError>,
+}
+
+impl FirstEvent {
+    /// A peek at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the next piece of the stream.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.sse.feed(chunk, &mut self.peek);
+    }
+
+    /// Whether at least one event has ended (been dispatched by a blank line).
+    pub fn ended(&self) -> bool {
+        self.peek.events > 0
+    }
+
+    /// The first `event: error` among the events read so far.
+    pub fn error(&self) -> Option<&ApiError> {
+        self.peek.error.as_ref()
+    }
+}
+
+impl SseHandler for FirstEventPeek {
+    fn event(&mut self, name: Option<EventName>, data: Option<&[u8]>) {
+        self.events += 1;
+        let named = name.filter(|n| *n != EventName::Empty);
+        // Only an error, or an event whose JSON type has to tell, is parsed.
+        if self.error.is_some() || !matches!(named, None | Some(EventName::Error)) {
+            return;
+        }
+        if let Some(data) = data.filter(|d| !d.is_empty())
+            && let Some((EventName::Error, ev)) = parse_event(named, data)
+        {
+            self.error = Some(ev.error.unwrap_or_default().into_api_error());
+        }
+    }
+
+    fn oversized(&mut self) {}
+}
+
+/// What [`SseReader`] reports its events to.
+trait SseHandler {
+    /// An event ended: `name` from its `event:` line (if any), `data` its `data:` lines
+    /// joined with `\n` (`None` without a data line; the data of an unwanted event, see
+    /// [`SseReader::event_wanted`], is not kept and is then empty).
+    fn event(&mut self, name: Option<EventName>, data: Option<&[u8]>);
+    /// A line or an event's data was over [`MAX_CAPTURE`] and skipped.
+    fn oversized(&mut self);
+}
+
+impl SseReader {
+    /// Reads SSE bytes. Whole lines are read where they lie in `chunk`, and the data of a
+    /// wanted event is handed over in place when the event ends in the same chunk (the
+    /// usual case: one event per frame). Only what a chunk leaves open is copied: the start
+    /// of an unfinished line, and the data of an event that has not ended yet (both bounded
+    /// by [`MAX_CAPTURE`]).
+    fn feed(&mut self, chunk: &[u8], h: &mut impl SseHandler) {
+        let mut pos = 0;
+        // The current event's data when it lies in `chunk` (then `self.data` is empty).
+        let mut here: Option<Range<usize>> = None;
+        match chunk.first() {
+            None => return,
+            Some(&first) => {
+                if std::mem::take(&mut self.after_cr) && first == b'\n' {
+                    pos = 1;
+                }
+            }
+        }
+        if self.line_open() {
+            let rest = &chunk[pos..];
+            let Some(i) = memchr2(b'\n', b'\r', rest) else {
+                self.carry(rest, h);
+                return;
+            };
+            self.carry(&rest[..i], h);
+            self.after_cr = rest[i] == b'\r';
+            pos += i + 1;
+            self.carried_line_end(chunk, &mut here, h);
+        }
+        while pos < chunk.len() {
+            if std::mem::take(&mut self.after_cr) && chunk[pos] == b'\n' {
+                pos += 1;
+                continue;
+            }
+            let Some(i) = memchr2(b'\n', b'\r', &chunk[pos..]) else {
+                self.carry(&chunk[pos..], h);
+                break;
+            };
+            let end = pos + i;
+            self.after_cr = chunk[end] == b'\r';
+            self.line(chunk, pos..end, &mut here, h);
+            pos = end + 1;
+        }
+        if let Some(r) = here {
+            // The event goes on in the next chunk: keep its data.
+            self.data.reserve(r.len().max(DATA_CAPACITY));
+            self.data.extend_from_slice(&chunk[r]);
+        }
+    }
+
+    /// A whole line of `chunk` (without its terminator).
+    fn line(
+        &mut self,
+        chunk: &[u8],
+        line: Range<usize>,
+        here: &mut Option<Range<usize>>,
+        h: &mut impl SseHandler,
+    ) {
+        let bytes = &chunk[line.clone()];
+        if bytes.is_empty() {
+            self.dispatch(chunk, here, h);
+            return;
+        }
+        if bytes.len() >= PREFIX
+            && let Some(data) = self.skips(bytes)
+        {
+            self.has_data |= data;
+            return;
+        }
+        if bytes.len() > MAX_CAPTURE {
+            h.oversized();
+            self.has_data |= bytes.starts_with(b"data");
+            return;
+        }
+        self.field(bytes, Some(line.start), chunk, here, h);
+    }
+
+    /// Keeps the start of a line that the chunk leaves unfinished (deciding from its first
+    /// bytes whether it is worth keeping).
+    fn carry(&mut self, mut seg: &[u8], h: &mut impl SseHandler) {
+        if self.skip_line {
+            return;
+        }
+        if !self.line_decided {
+            let need = PREFIX.saturating_sub(self.line.len()).min(seg.len());
+            if self.line.capacity() == 0 {
+                self.line.reserve(LINE_CAPACITY);
+            }
+            self.line.extend_from_slice(&seg[..need]);
+            seg = &seg[need..];
+            if self.line.len() >= PREFIX {
+                self.line_decided = true;
+                if let Some(data) = self.skips(&self.line) {
+                    self.skip_line = true;
+                    self.skipped_data = data;
+                    self.line.clear();
+                    return;
+                }
+            }
+        }
+        if self.line.len() + seg.len() > MAX_CAPTURE {
+            self.skip_line = true;
+            self.skipped_data = self.line.starts_with(b"data");
+            self.line.clear();
+            h.oversized();
+            return;
+        }
+        self.line.extend_from_slice(seg);
+    }
+
+    /// The end of the line kept by [`carry`](Self::carry).
+    fn carried_line_end(
+        &mut self,
+        chunk: &[u8],
+        here: &mut Option<Range<usize>>,
+        h: &mut impl SseHandler,
+    ) {
+        let skipped = self.skip_line;
+        self.skip_line = false;
+        self.line_decided = false;
+        if skipped {
+            // A skipped data line still belongs to an event that will be dispatched.
+            self.has_data |= std::mem::take(&mut self.skipped_data);
+            self.line.clear();
+            return;
+        }
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            self.dispatch(chunk, here, h);
+        } else {
+            self.field(&line, None, chunk, here, h);
+        }
+        // Keep the allocation for the next line.
+        self.line = line;
+        self.line.clear();
+    }
+
+    /// A kept, non-empty line: `event` and `data` fields count, others are ignored. `at` is
+    /// where `line` starts in `chunk`, when it lies there.
+    fn field(
+        &mut self,
+        line: &[u8],
+        at: Option<usize>,
+        chunk: &[u8],
+        here: &mut Option<Range<usize>>,
+        h: &mut impl SseHandler,
+    ) {
+        let (field, value, value_at) = match memchr(b':', line) {
+            Some(i) => match line.get(i + 1) {
+                Some(b' ') => (&line[..i], &line[i + 2..], i + 2),
+                _ => (&line[..i], &line[i + 1..], i + 1),
+            },
+            None => (line, &b""[..], line.len()),
+        };
+        match field {
+            b"event" => self.event = Some(EventName::of(value)),
+            b"data" => {
+                let held = here.as_ref().map_or(self.data.len(), Range::len);
+                if held + value.len() + 1 > MAX_CAPTURE {
+                    h.oversized();
+                } else if held == 0 {
+                    match at {
+                        _ if value.is_empty() => {}
+                        Some(at) => *here = Some(at + value_at..at + value_at + value.len()),
+                        None => {
+                            if self.data.capacity() == 0 {
+                                self.data.reserve(value.len().max(DATA_CAPACITY));
+                            }
+                            self.data.extend_from_slice(value);
+                        }
+                    }
+                } else {
+                    if let Some(r) = here.take() {
+                        self.data.reserve(r.len() + value.len() + 1);
+                        self.data.extend_from_slice(&chunk[r]);
+                    }
+                    // `held > 0`: a line has data, so `has_data` is set.
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                }
+                self.has_data = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, chunk: &[u8], here: &mut Option<Range<usize>>, h: &mut impl SseHandler) {
+        if !self.has_data && self.event.is_none() {
+            return;
+        }
+        let has_data = std::mem::take(&mut self.has_data);
+        let name = self.event.take();
+        if !has_data {
+            h.event(name, None);
+        } else if let Some(r) = here.take() {
+            h.event(name, Some(&chunk[r]));
+        } else {
+            h.event(name, Some(&self.data));
+            self.data.clear();
+        }
+    }
+
+    /// Whether a line was left unfinished by the previous chunk.
+    fn line_open(&self) -> bool {
+        self.skip_line || !self.line.is_empty()
+    }
+
+    /// Whether the event's data is worth keeping: the events that carry usage, errors or
+    /// completion, and events whose name is not known yet.
+    fn event_wanted(&self) -> bool {
+        self.event.is_none_or(|e| {
+            matches!(
+                e,
+                EventName::MessageStart
+                    | EventName::MessageDelta
+                    | EventName::MessageStop
+                    | EventName::Error
+            )
+        })
+    }
+
+    /// Decides from a line's first [`PREFIX`] bytes whether to skip it: `Some(true)` for a
+    /// data line of an unwanted event, `Some(false)` for a comment, `None` to keep it.
+    fn skips(&self, first: &[u8]) -> Option<bool> {
+        if first.first() == Some(&b':') {
+            Some(false)
+        } else if first.starts_with(b"data") && !self.event_wanted() {
+            Some(true)
+        } else {
+            None
         }
     }
 }
 
 const PREFIX: usize = 5; // enough for "data:" / "event"
 
+/// The first allocation of the buffer that carries an unfinished line.
+const LINE_CAPACITY: usize = 256;
+
+/// The first allocation of the buffer that carries the data of an unfinished event.
+const DATA_CAPACITY: usize = 1024;
+
+/// The data of `message_stop` as the API sends it.
+const MESSAGE_STOP: &[u8] = br#"{"type":"message_stop"}"#;
+
+/// An SSE event name (from the `event:` line or the JSON `type`), as far as the scanner
+/// cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EventName {
+    MessageStart,
+    MessageDelta,
+    MessageStop,
+    Error,
+    /// `event:` with no name.
+    Empty,
+    /// Any other name (`ping`, `content_block_*`, unknown events).
+    Other,
+}
+
+impl EventName {
+    fn of(name: &[u8]) -> Self {
+        match name {
+            b"message_start" => Self::MessageStart,
+            b"message_delta" => Self::MessageDelta,
+            b"message_stop" => Self::MessageStop,
+            b"error" => Self::Error,
+            b"" => Self::Empty,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Reads a JSON `type` string without keeping it.
+impl<'de> Deserialize<'de> for EventName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = EventName;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an event type")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EventName, E> {
+                Ok(EventName::of(v.as_bytes()))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+/// The SSE line and event reader shared by [`UsageScanner`] and [`FirstEvent`].
 #[derive(Debug, Clone, Default)]
-struct SseState {
+struct SseReader {
+    /// The start of a line the previous chunk left unfinished (kept lines only).
     line: Vec<u8>,
     line_decided: bool,
     skip_line: bool,
     skipped_data: bool,
     after_cr: bool,
-    event: Vec<u8>,
-    has_event: bool,
+    /// The current event's name, once its `event:` line was read.
+    event: Option<EventName>,
+    /// The current event's data, when it did not end in the chunk that holds it.
     data: Vec<u8>,
     has_data: bool,
-}
-
-impl SseState {
-    /// Whether the current event's data is worth buffering: the events that carry usage,
-    /// errors or completion, and events whose name is not known yet.
-    fn event_wanted(&self) -> bool {
-        !self.has_event
-            || matches!(
-                self.event.as_slice(),
-                b"message_start" | b"message_delta" | b"message_stop" | b"error"
-            )
-    }
 }
 
 #[derive(Deserialize)]
 struct SseEvent {
     #[serde(rename = "type")]
-    kind: Option<String>,
+    kind: Option<EventName>,
     message: Option<SseMessage>,
     usage: Option<WireUsage>,
     error: Option<WireError>,
@@ -397,6 +674,15 @@ struct WireError {
     #[serde(rename = "type")]
     kind: Option<String>,
     message: Option<String>,
+}
+
+impl WireError {
+    fn into_api_error(self) -> ApiError {
+        ApiError {
+            error_type: self.kind.unwrap_or_else(|| "unknown_error".into()),
+            message: self.message.unwrap_or_default(),
+        }
+    }
 }
 
 // ===== JSON =====
@@ -669,10 +955,7 @@ impl JsonState {
                 .as_deref()
                 .and_then(|e| serde_json::from_slice::<WireError>(e).ok())
                 .unwrap_or_default();
-            r.error = Some(ApiError {
-                error_type: e.kind.unwrap_or_else(|| "unknown_error".into()),
-                message: e.message.unwrap_or_default(),
-            });
+            r.error = Some(e.into_api_error());
         }
     }
 }
@@ -798,6 +1081,107 @@ data: {\"type\":\"message_stop\"}\n\n";
         let r = scan_all(BodyFormat::Sse, s.as_bytes());
         assert_eq!(r.usage.output_tokens, 15);
         assert_eq!(r.oversized, 1);
+    }
+
+    /// Events whose data spans two `data:` lines (joined with `\n`), a comment, CRLF and
+    /// CR endings: the data is parsed in place when an event lies in one chunk and carried
+    /// over when it does not, with the same result.
+    const TRICKY: &str = "event: message_start\r\n\
+data: {\"type\":\"message_start\",\r\n\
+data: \"message\":{\"model\":\"m\\\"1\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\r\n\r\n\
+: keep-alive\r\
+event: ping\r\
+data: {\"type\":\"ping\"}\r\r\
+data: {\"type\":\"message\\u005fdelta\",\"usage\":{\"output_tokens\":9}}\n\n\
+event: message_stop\n\
+data: {\"type\": \"message_stop\"}\n\n";
+
+    #[test]
+    fn events_split_anywhere_give_the_same_report() {
+        let whole = scan_all(BodyFormat::Sse, TRICKY.as_bytes());
+        assert!(whole.is_complete_success());
+        assert_eq!(
+            (whole.usage.input_tokens, whole.usage.output_tokens),
+            (3, 9)
+        );
+        assert_eq!(whole.model.as_deref(), Some("m\"1"));
+        assert_eq!((whole.events, whole.oversized), (4, 0));
+        let body = TRICKY.as_bytes();
+        for i in 0..=body.len() {
+            for j in i..=body.len() {
+                let mut s = UsageScanner::new(BodyFormat::Sse);
+                // Empty chunks too: one must not lose a `\r` waiting for its `\n`.
+                for chunk in [&body[..i], &[], &body[i..j], &[], &body[j..]] {
+                    s.feed(chunk);
+                }
+                assert_eq!(s.finish(BodyEnd::Ended), whole, "split at {i} and {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn first_event_agrees_with_the_scanner_however_the_stream_is_cut() {
+        let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Over\\\"loaded\"}}\n\n";
+        let unnamed = "data: {\"type\":\"error\",\"error\":{\"message\":\"m\"}}\n\n";
+        let late = format!(
+            "{}{error}",
+            &STREAM[..STREAM.find("event: content").unwrap_or(0)]
+        );
+        for body in [STREAM, TRICKY, error, unnamed, &late] {
+            let body = body.as_bytes();
+            for i in 0..=body.len() {
+                let mut scanner = UsageScanner::new(BodyFormat::Sse);
+                let mut peek = FirstEvent::new();
+                for chunk in [&body[..i], &body[i..]] {
+                    scanner.feed(chunk);
+                    peek.feed(chunk);
+                    assert_eq!(peek.ended(), scanner.events() > 0, "split at {i}");
+                    assert_eq!(peek.error(), scanner.error(), "split at {i}");
+                }
+            }
+        }
+        let mut peek = FirstEvent::new();
+        peek.feed(error.as_bytes());
+        let e = peek.error().unwrap();
+        assert_eq!(
+            (e.error_type.as_str(), e.message.as_str()),
+            ("overloaded_error", "Over\"loaded")
+        );
+        let mut peek = FirstEvent::new();
+        peek.feed(unnamed.as_bytes());
+        assert_eq!(peek.error().unwrap().error_type, "unknown_error");
+    }
+
+    #[test]
+    fn message_stop_completes_only_with_valid_data() {
+        let stop = |data: &str| {
+            let s = format!("event: message_stop\ndata: {data}\n\n");
+            scan_all(BodyFormat::Sse, s.as_bytes()).completed
+        };
+        assert!(stop(r#"{"type":"message_stop"}"#));
+        assert!(stop(r#"{ "type" : "message_stop" }"#));
+        assert!(stop("{}"), "the event name wins over the data");
+        assert!(!stop("not json"));
+        assert!(!stop(""));
+        let r = scan_all(BodyFormat::Sse, b"event: message_stop\n\n");
+        assert!(!r.completed, "no data, no completion");
+        assert_eq!(r.events, 1);
+    }
+
+    #[test]
+    fn oversized_lines_count_the_same_whole_or_split() {
+        let big = "x".repeat(MAX_CAPTURE);
+        let s =
+            format!("event: message_delta\ndata: {big}\n\nevent: {big}\ndata: {{}}\n\n{STREAM}");
+        let whole = scan_all(BodyFormat::Sse, s.as_bytes());
+        assert_eq!((whole.oversized, whole.events), (2, 10));
+        assert_eq!(whole.usage.output_tokens, 15);
+        for i in (0..s.len()).step_by(997) {
+            let mut sc = UsageScanner::new(BodyFormat::Sse);
+            sc.feed(&s.as_bytes()[..i]);
+            sc.feed(&s.as_bytes()[i..]);
+            assert_eq!(sc.finish(BodyEnd::Ended), whole, "split at {i}");
+        }
     }
 
     const JSON: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-opus-4-5","content":[{"type":"text","text":"a \"quoted\" } ] , usage"}],"stop_reason":"end_turn","usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":3,"output_tokens":34,"server_tool_use":{"web_search_requests":2},"service_tier":"batch"}}"#;

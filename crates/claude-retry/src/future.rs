@@ -21,7 +21,7 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use claude_core::{
-    Attempt, BodyFormat, BoxError, Classification, Error, ErrorKind, Origin, UsageScanner,
+    Attempt, BodyFormat, BoxError, Classification, Error, ErrorKind, FirstEvent, Origin,
     classify_error, classify_response, classify_stream_error,
 };
 use http::{Request, Response, header};
@@ -134,8 +134,9 @@ struct Read<B> {
 enum Purpose {
     /// An error body, read (up to the limit) to classify by `error.type`.
     ErrorBody,
-    /// A `200` stream, read up to its first complete event.
-    FirstEvent(Box<UsageScanner>),
+    /// A `200` stream, read up to its first complete event (only an `event: error` is
+    /// parsed).
+    FirstEvent(FirstEvent),
 }
 
 enum Step<B> {
@@ -302,7 +303,7 @@ where
         }
         match &self.purpose {
             Purpose::ErrorBody => false,
-            Purpose::FirstEvent(scanner) => scanner.events() > 0,
+            Purpose::FirstEvent(peek) => peek.ended(),
         }
     }
 
@@ -315,8 +316,8 @@ where
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         self.bytes += data.len();
-                        if let Purpose::FirstEvent(scanner) = &mut self.purpose {
-                            scanner.feed(data);
+                        if let Purpose::FirstEvent(peek) = &mut self.purpose {
+                            peek.feed(data);
                         }
                     }
                     self.frames.push_back(frame);
@@ -375,8 +376,8 @@ impl<S> Ctx<S> {
                 && self.can_retry()
                 && is_event_stream(resp.headers())
             {
-                let scanner = Box::new(UsageScanner::new(BodyFormat::Sse));
-                return Step::Read(Read::new(resp, Purpose::FirstEvent(scanner)));
+                let peek = FirstEvent::new();
+                return Step::Read(Read::new(resp, Purpose::FirstEvent(peek)));
             }
             return Step::Return(Ok(self.finish(resp.map(ResponseBody::inner), None)));
         }
@@ -400,7 +401,7 @@ impl<S> Ctx<S> {
         B::Error: Into<BoxError>,
     {
         let class_and_reason = match &read.purpose {
-            Purpose::FirstEvent(scanner) => scanner.error().map(|e| {
+            Purpose::FirstEvent(peek) => peek.error().map(|e| {
                 let class = classify_stream_error(&e.error_type);
                 let kind = class.kind;
                 (class, RetryReason::StreamError { kind })

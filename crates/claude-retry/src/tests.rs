@@ -632,12 +632,43 @@ async fn a_non_retryable_first_event_error_reaches_the_caller() {
     assert_eq!(text(resp).await, INVALID_EVENT);
 }
 
+/// `s` cut into frames of one byte.
+fn bytewise(s: &'static str) -> Vec<&'static str> {
+    (0..s.len()).filter_map(|i| s.get(i..=i)).collect()
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_first_event_split_across_frames_is_found() {
     let (a, b) = OVERLOADED_EVENT.split_at(17);
-    let (resp, up) = run(config(), vec![sse(vec![a, b]), sse(vec![START, STOP])]).await;
-    assert_eq!(up.calls().len(), 2);
-    assert_eq!(text(resp.unwrap()).await, [START, STOP].concat());
+    for frames in [vec![a, b], bytewise(OVERLOADED_EVENT)] {
+        let (resp, up) = run(config(), vec![sse(frames), sse(vec![START, STOP])]).await;
+        assert_eq!(up.calls().len(), 2);
+        assert_eq!(text(resp.unwrap()).await, [START, STOP].concat());
+    }
+    // A first event that is not an error, however it is cut, is handed on intact.
+    let frames = [bytewise(START), vec![DELTA, STOP]].concat();
+    let (resp, up) = run(config(), vec![sse(frames), ok_json()]).await;
+    assert_eq!(up.calls().len(), 1);
+    assert_eq!(text(resp.unwrap()).await, [START, DELTA, STOP].concat());
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_event_errors_without_a_usable_type() {
+    for (first, gave_up) in [
+        // No `error.type`: an unknown error, not retried.
+        (
+            "event: error\ndata: {\"type\":\"error\"}\n\n",
+            Some(GiveUp::NotRetryable),
+        ),
+        // Data that is not JSON says nothing: the stream is handed on as it is.
+        ("event: error\ndata: {\"type\":\"overloaded_er\n\n", None),
+    ] {
+        let (resp, up) = run(config(), vec![sse(vec![first]), ok_json()]).await;
+        let resp = resp.unwrap();
+        assert_eq!(up.calls().len(), 1);
+        assert_eq!(info(&resp).gave_up, gave_up);
+        assert_eq!(text(resp).await, first);
+    }
 }
 
 #[tokio::test(start_paused = true)]
