@@ -283,6 +283,10 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         idle: Option<Duration>,
+        // When the last frame came: the timer is not moved on every frame (that is a trip
+        // through the timer wheel per SSE event); when it fires, it is re-armed to this
+        // time plus `idle` if a frame came since.
+        last_frame: Option<Instant>,
         first: bool,
     }
 }
@@ -301,6 +305,7 @@ impl<B> TimeoutBody<B> {
             inner,
             sleep: first_byte.map(tokio::time::sleep),
             idle,
+            last_frame: None,
             first: true,
         }
     }
@@ -320,19 +325,31 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         if let Poll::Ready(res) = this.inner.poll_frame(cx) {
-            if let Some(idle) = *this.idle {
-                match this.sleep.as_mut().as_pin_mut() {
-                    Some(s) => s.reset(Instant::now() + idle),
-                    None => this.sleep.set(Some(tokio::time::sleep(idle))),
+            match *this.idle {
+                Some(idle) if *this.first || this.sleep.is_none() => {
+                    // The first frame: from now on the idle timeout applies.
+                    this.sleep.set(Some(tokio::time::sleep(idle)));
+                    *this.last_frame = None;
                 }
-            } else {
-                this.sleep.set(None);
+                Some(_) => *this.last_frame = Some(Instant::now()),
+                None => this.sleep.set(None),
             }
             *this.first = false;
             return Poll::Ready(res.map(|r| r.map_err(Into::into)));
         }
-        if let Some(s) = this.sleep.as_mut().as_pin_mut() {
-            ready!(s.poll(cx));
+        while let Some(mut s) = this.sleep.as_mut().as_pin_mut() {
+            ready!(s.as_mut().poll(cx));
+            // A frame came after the timer was armed: the body is not idle; wait again
+            // from that frame.
+            if let (Some(idle), Some(last)) = (*this.idle, this.last_frame.take())
+                && !*this.first
+            {
+                let deadline = last + idle;
+                if deadline > Instant::now() {
+                    s.reset(deadline);
+                    continue;
+                }
+            }
             let what = if *this.first {
                 "no response body within the first-byte timeout"
             } else {
