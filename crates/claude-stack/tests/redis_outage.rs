@@ -305,9 +305,11 @@ async fn cache_hit_across_instances(
         let outcome = exchange(a, request(&question)).await;
         match outcome {
             Outcome::Answered { hit: false } => upstream += 1,
-            // Fail closed: an admission past its Redis timeout is refused. Try afresh.
+            // Fail closed: an admission past its Redis timeout is refused, and the store then
+            // skips Redis for 250 ms (its back-off): try afresh after that.
             Outcome::Refused(_) => {
                 seen.push(outcome);
+                tokio::time::sleep(Duration::from_millis(300)).await;
                 continue;
             }
             other => panic!("A, {question}: {other:?}"),
@@ -324,7 +326,7 @@ async fn cache_hit_across_instances(
             Outcome::Answered { hit: true } => return upstream,
             // B's GET past its timeout is a miss: the answer came from upstream.
             Outcome::Answered { hit: false } => upstream += 1,
-            Outcome::Refused(_) => {}
+            Outcome::Refused(_) => tokio::time::sleep(Duration::from_millis(300)).await,
             other => panic!("B, {question}: {other:?}"),
         }
         seen.push(outcome);
