@@ -175,6 +175,18 @@ impl RedisConn {
         false
     }
 
+    /// The connection for a call of `op`, unless the store is backing off or has none.
+    fn usable(&self, op: &'static str) -> Option<ConnectionManager> {
+        if self.backing_off() {
+            return None;
+        }
+        let conn = self.connection();
+        if conn.is_none() {
+            self.failed(op, &"no connection manager");
+        }
+        conn
+    }
+
     fn connection(&self) -> Option<ConnectionManager> {
         self.conn
             .get_or_init(|| {
@@ -208,11 +220,7 @@ impl RedisConn {
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Call<T> {
-        if self.backing_off() {
-            return Call::NotRun;
-        }
-        let Some(mut conn) = self.connection() else {
-            self.failed(op, &"no connection manager");
+        let Some(mut conn) = self.usable(op) else {
             return Call::NotRun;
         };
         let call = invocation.invoke_async::<T>(&mut conn);
@@ -226,13 +234,7 @@ impl RedisConn {
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> Option<T> {
-        if self.backing_off() {
-            return None;
-        }
-        let Some(mut conn) = self.connection() else {
-            self.failed(op, &"no connection manager");
-            return None;
-        };
+        let mut conn = self.usable(op)?;
         let call = cmd.query_async::<T>(&mut conn);
         self.finish(op, tokio::time::timeout(self.timeout, call).await)
             .done()

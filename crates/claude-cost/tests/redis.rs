@@ -103,15 +103,7 @@ fn count(alerts: &Alerts, kind: AlertKind) -> usize {
 
 /// The `spent` field of a window's hash in Redis, read with a connection of the test's own.
 fn redis_spent(redis: &RedisServer, key: &str) -> Option<u64> {
-    let mut conn = redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .ok()?;
-    redis::cmd("HGET")
-        .arg(key)
-        .arg("spent")
-        .query::<Option<u64>>(&mut conn)
-        .ok()
-        .flatten()
+    redis_field(redis, key, "spent").and_then(|v| u64::try_from(v).ok())
 }
 
 /// Waits until the settles spawned by the trackers have landed (the Redis spend stops
