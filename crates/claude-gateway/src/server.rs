@@ -20,7 +20,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
-use tower::util::BoxCloneSyncService;
 
 use crate::config::ClientKeys;
 
@@ -28,7 +27,7 @@ use crate::config::ClientKeys;
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The stack as the gateway sees it: buffered requests in, streamed responses out.
-pub type Upstream = BoxCloneSyncService<Request<Bytes>, Response<GatewayBody>, BoxError>;
+pub type Upstream = claude_stack::StackService;
 
 /// Produces the JSON of `GET /admin/costs`.
 pub(crate) type CostReport = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;

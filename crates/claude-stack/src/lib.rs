@@ -29,6 +29,7 @@
 
 mod claude_client;
 mod client;
+mod erased;
 mod observe;
 pub mod shared;
 mod stack;
@@ -36,6 +37,7 @@ mod toggle;
 
 pub use claude_client::ClaudeClient;
 pub use client::{ClientConfig, HttpClient, TimeoutBody};
+pub use erased::StackFuture;
 pub use observe::{OVERHEAD_SECONDS, StackTimings};
 pub use shared::{RedisOnFailure, RedisUrl};
 pub use stack::{ClaudeStack, StackBody, StackConfig, StackService};

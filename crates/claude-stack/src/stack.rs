@@ -18,9 +18,10 @@
 //!    layer (a rotated key costs no retry).
 //! 7. the HTTP client (or any service you pass).
 //!
-//! Layers that are switched off are simply absent. Each present layer's response body is
-//! boxed once so that optional layers compose; the cost is one allocation per layer and
-//! request.
+//! Layers that are switched off are simply absent. So that optional layers compose, each
+//! present layer is erased to one [`StackService`] type: its clones share one allocation, each
+//! call boxes its future, and its response body is boxed once unless the layer passes its
+//! inner body through.
 
 use std::time::Duration;
 
@@ -34,22 +35,18 @@ use claude_secrets::ApiKeyLayer;
 use claude_secrets::config::SecretsConfig;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use serde::Deserialize;
-use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder};
 
 use crate::client::{ClientConfig, HttpClient};
+pub use crate::erased::StackService;
 use crate::observe::{ObserveLayer, Probe};
 use crate::shared::{RedisOnFailure, RedisUrl};
 use crate::toggle::Toggle;
 
 /// The response body of an assembled stack: streamed, boxed once per layer.
 pub type StackBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// An assembled stack: `Request<Bytes>` in, a streamed response out. Cheap to clone.
-pub type StackService = BoxCloneSyncService<Request<Bytes>, Response<StackBody>, BoxError>;
 
 /// Configuration of the whole stack, as one TOML document. Each layer section is `false`
 /// (off), `true` (on with defaults) or a table of settings (on).
@@ -235,7 +232,7 @@ impl ClaudeStack {
         B::Error: Into<BoxError>,
     {
         // Innermost first. The upstream probe times every attempt to its response headers.
-        let mut svc = boxed(Probe::Upstream.layer(inner));
+        let mut svc = StackService::new(Probe::Upstream.layer(inner));
         if let Some(keys) = &self.api_key {
             svc = wrap(svc, keys.clone());
         }
@@ -246,7 +243,7 @@ impl ClaudeStack {
             svc = wrap(svc, Probe::LimiterEnter);
         }
         if let Some(t) = self.config.attempt_timeout {
-            svc = boxed(
+            svc = StackService::new(
                 ServiceBuilder::new()
                     .layer(tower::timeout::TimeoutLayer::new(t))
                     .service(svc),
@@ -261,7 +258,7 @@ impl ClaudeStack {
         if let Some(tracker) = &self.cost {
             svc = wrap(svc, tracker.layer());
         }
-        BoxCloneSyncService::new(ObserveLayer.layer(svc))
+        StackService::new(ObserveLayer.layer(svc))
     }
 
     /// The stack around an [`HttpClient`] built from the `client` section.
@@ -300,23 +297,7 @@ impl Redis {
     }
 }
 
-/// Boxes a service into a [`StackService`], boxing its body.
-fn boxed<S, B>(inner: S) -> StackService
-where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    BoxCloneSyncService::new(
-        inner
-            .map_response(|r: Response<B>| r.map(|b| b.map_err(Into::into).boxed_unsync()))
-            .map_err(Into::into),
-    )
-}
-
-/// Applies `layer` around a boxed stack and boxes the result.
+/// Applies `layer` around an erased stack and erases the result.
 fn wrap<L, B>(svc: StackService, layer: L) -> StackService
 where
     L: Layer<StackService>,
@@ -326,5 +307,5 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    boxed(layer.layer(svc))
+    StackService::new(layer.layer(svc))
 }
