@@ -251,6 +251,11 @@ impl Tenant {
         &self.0
     }
 
+    /// The tenant id as a shared string (a reference-count increment, no copy).
+    pub fn id_arc(&self) -> Arc<str> {
+        self.0.clone()
+    }
+
     /// The tenant of a request (the default tenant when none is set).
     pub fn of<B>(req: &Request<B>) -> Self {
         req.extensions().get::<Self>().cloned().unwrap_or_default()

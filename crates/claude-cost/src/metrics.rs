@@ -20,7 +20,7 @@
 //! [`Tenant`](claude_core::Tenant) id, whose cardinality the application controls.
 //! Tenants are not a label of the budget metrics: refusals can be driven by clients.
 
-use metrics::{Label, counter, describe_counter};
+use metrics::{Label, SharedString, counter, describe_counter};
 
 use crate::budget::{AlertKind, BudgetAlert, BudgetScope, BudgetWindow};
 use crate::tracker::CostRecord;
@@ -76,44 +76,59 @@ pub fn describe_metrics() {
     describe_counter!(BUDGET_ALERTS, "Budget alerts fired.");
 }
 
+const TOKEN_KINDS: [&str; 5] = [
+    "input",
+    "output",
+    "cache_write_5m",
+    "cache_write_1h",
+    "cache_read",
+];
+
+/// Counts one committed record. The model and tenant labels share the record's strings (no
+/// copy); each counter still costs one label list and a registry lookup. Handles are not
+/// cached across records: a cache keyed by the recorder in use cannot tell two test recorders
+/// apart when one reuses the other's address, and would then count into a dropped one.
 pub(crate) fn record(rec: &CostRecord) {
-    let labels = vec![
-        Label::new("model", rec.model.to_string()),
-        Label::new("tenant", rec.tenant.as_str().to_owned()),
+    let labels = [
+        Label::new("model", SharedString::from(rec.model.clone())),
+        Label::new("tenant", SharedString::from(rec.tenant.id_arc())),
     ];
-    counter!(REQUESTS, labels.clone()).increment(1);
+    counter!(REQUESTS, labels.iter()).increment(1);
     if rec.cost.is_none() {
-        counter!(UNKNOWN_MODEL, labels.clone()).increment(1);
+        counter!(UNKNOWN_MODEL, labels.iter()).increment(1);
     }
     if rec.cache_hit {
-        counter!(CACHE_HITS, labels.clone()).increment(1);
+        counter!(CACHE_HITS, labels.iter()).increment(1);
         let saved = rec.saved().nanos();
         if saved > 0 {
-            counter!(SAVINGS_NANOS, labels).increment(saved);
+            counter!(SAVINGS_NANOS, labels.iter()).increment(saved);
         }
         return;
     }
     let u = &rec.usage;
-    for (kind, n) in [
-        ("input", u.input_tokens),
-        ("output", u.output_tokens),
-        ("cache_write_5m", u.cache_write_5m()),
-        ("cache_write_1h", u.cache_write_1h()),
-        ("cache_read", u.cache_read_input_tokens),
-    ] {
-        let mut l = Vec::with_capacity(3);
-        l.push(Label::new("kind", kind));
-        l.extend(labels.iter().cloned());
-        counter!(TOKENS, l).increment(n);
+    let tokens = [
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_write_5m(),
+        u.cache_write_1h(),
+        u.cache_read_input_tokens,
+    ];
+    for (kind, n) in TOKEN_KINDS.into_iter().zip(tokens) {
+        let [model, tenant] = labels.clone();
+        counter!(
+            TOKENS,
+            vec![Label::from_static_parts("kind", kind), model, tenant]
+        )
+        .increment(n);
     }
     if u.server_tool_use.web_search_requests > 0 {
-        counter!(WEB_SEARCHES, labels.clone()).increment(u.server_tool_use.web_search_requests);
+        counter!(WEB_SEARCHES, labels.iter()).increment(u.server_tool_use.web_search_requests);
     }
     if !rec.complete {
-        counter!(INCOMPLETE, labels.clone()).increment(1);
+        counter!(INCOMPLETE, labels.iter()).increment(1);
     }
     if let Some(c) = &rec.cost {
-        counter!(USD_NANOS, labels).increment(c.total.nanos());
+        counter!(USD_NANOS, labels.iter()).increment(c.total.nanos());
     }
 }
 
@@ -253,6 +268,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn handles_follow_the_recorder_in_use() {
+        // One tracker, records under three recorders in turn (at one stack address): each
+        // recorder gets its own counts, none is swallowed by an earlier one.
+        let t = CostTracker::builder().build();
+        let u = Usage {
+            input_tokens: 7,
+            ..Usage::default()
+        };
+        let a = [("model", "claude-sonnet-4-5-20250929"), ("tenant", "a")];
+        let mut seen = Vec::new();
+        for round in 1..=3_u64 {
+            let recorder = DebuggingRecorder::new();
+            let snap = recorder.snapshotter();
+            metrics::with_local_recorder(&recorder, || {
+                for _ in 0..round {
+                    t.record_usage(&Tenant::new("a"), "claude-sonnet-4-5", &u, None, None);
+                }
+            });
+            let c = counters(&snap);
+            seen.push((
+                get(&c, REQUESTS, &a),
+                get(&c, TOKENS, &[a[0], a[1], ("kind", "input")]),
+            ));
+        }
+        assert_eq!(seen, [(1, 7), (2, 14), (3, 21)]);
     }
 
     #[tokio::test(flavor = "current_thread")]
