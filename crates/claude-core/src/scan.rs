@@ -892,7 +892,15 @@ impl JsonState {
         self.value_next = false;
         if let Some(field) = self.pending.take() {
             self.capture = Some((field, how));
+            // Room for the usual size of each value at once (the buffer was handed over by
+            // the previous capture), rather than doubling up from a few bytes.
+            let room = match field {
+                Field::Usage | Field::Error => 512,
+                Field::Model => 64,
+                Field::Type => 16,
+            };
             self.buf.clear();
+            self.buf.reserve(room);
             self.buf_overflow = false;
         }
     }
