@@ -207,7 +207,19 @@ impl Child {
         cache_max_bytes: Option<u64>,
     ) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let mut cmd = Command::new(exe);
+        // Profiling hook: `BENCH_WRAP_GATEWAY="valgrind --tool=callgrind"` (or `_PROXY`,
+        // `_MOCK`) runs that child under the given command.
+        let wrap_var = format!("BENCH_WRAP_{kind:?}").to_uppercase();
+        let wrap = std::env::var(&wrap_var).unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
         cmd.arg("--serve")
             .arg(match kind {
                 Kind::Mock => "mock",
