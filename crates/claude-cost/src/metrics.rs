@@ -20,7 +20,11 @@
 //! [`Tenant`](claude_core::Tenant) id, whose cardinality the application controls.
 //! Tenants are not a label of the budget metrics: refusals can be driven by clients.
 
-use metrics::{Label, SharedString, counter, describe_counter};
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use claude_core::Tenant;
+use metrics::{Counter, Label, SharedString, counter, describe_counter};
 
 use crate::budget::{AlertKind, BudgetAlert, BudgetScope, BudgetWindow};
 use crate::tracker::CostRecord;
@@ -76,6 +80,20 @@ pub fn describe_metrics() {
     describe_counter!(BUDGET_ALERTS, "Budget alerts fired.");
 }
 
+/// One counter of a (model, tenant) pair.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Requests,
+    UnknownModel,
+    CacheHits,
+    Savings,
+    /// Tokens of the kind `TOKEN_KINDS[i]`.
+    Tokens(usize),
+    WebSearches,
+    Incomplete,
+    Usd,
+}
+
 const TOKEN_KINDS: [&str; 5] = [
     "input",
     "output",
@@ -84,24 +102,75 @@ const TOKEN_KINDS: [&str; 5] = [
     "cache_read",
 ];
 
-/// Counts one committed record. The model and tenant labels share the record's strings (no
-/// copy); each counter still costs one label list and a registry lookup. Handles are not
-/// cached across records: a cache keyed by the recorder in use cannot tell two test recorders
-/// apart when one reuses the other's address, and would then count into a dropped one.
-pub(crate) fn record(rec: &CostRecord) {
-    let labels = [
+impl Which {
+    const ALL: [Which; 12] = [
+        Which::Requests,
+        Which::UnknownModel,
+        Which::CacheHits,
+        Which::Savings,
+        Which::Tokens(0),
+        Which::Tokens(1),
+        Which::Tokens(2),
+        Which::Tokens(3),
+        Which::Tokens(4),
+        Which::WebSearches,
+        Which::Incomplete,
+        Which::Usd,
+    ];
+
+    /// The position in [`Which::ALL`].
+    fn index(self) -> usize {
+        match self {
+            Which::Requests => 0,
+            Which::UnknownModel => 1,
+            Which::CacheHits => 2,
+            Which::Savings => 3,
+            Which::Tokens(i) => 4 + i,
+            Which::WebSearches => 9,
+            Which::Incomplete => 10,
+            Which::Usd => 11,
+        }
+    }
+
+    /// Looks the counter up in the recorder in use.
+    fn counter(self, labels: &[Label; 2]) -> Counter {
+        let name = match self {
+            Which::Tokens(i) => {
+                let [model, tenant] = labels.clone();
+                let kind = Label::from_static_parts("kind", TOKEN_KINDS[i]);
+                return counter!(TOKENS, vec![kind, model, tenant]);
+            }
+            Which::Requests => REQUESTS,
+            Which::UnknownModel => UNKNOWN_MODEL,
+            Which::CacheHits => CACHE_HITS,
+            Which::Savings => SAVINGS_NANOS,
+            Which::WebSearches => WEB_SEARCHES,
+            Which::Incomplete => INCOMPLETE,
+            Which::Usd => USD_NANOS,
+        };
+        counter!(name, labels.iter())
+    }
+}
+
+/// The model and tenant labels of a record, sharing its strings (no copy).
+fn labels(rec: &CostRecord) -> [Label; 2] {
+    [
         Label::new("model", SharedString::from(rec.model.clone())),
         Label::new("tenant", SharedString::from(rec.tenant.id_arc())),
-    ];
-    counter!(REQUESTS, labels.iter()).increment(1);
+    ]
+}
+
+/// What `rec` adds to which counter.
+fn count(rec: &CostRecord, mut add: impl FnMut(Which, u64)) {
+    add(Which::Requests, 1);
     if rec.cost.is_none() {
-        counter!(UNKNOWN_MODEL, labels.iter()).increment(1);
+        add(Which::UnknownModel, 1);
     }
     if rec.cache_hit {
-        counter!(CACHE_HITS, labels.iter()).increment(1);
+        add(Which::CacheHits, 1);
         let saved = rec.saved().nanos();
         if saved > 0 {
-            counter!(SAVINGS_NANOS, labels.iter()).increment(saved);
+            add(Which::Savings, saved);
         }
         return;
     }
@@ -113,22 +182,83 @@ pub(crate) fn record(rec: &CostRecord) {
         u.cache_write_1h(),
         u.cache_read_input_tokens,
     ];
-    for (kind, n) in TOKEN_KINDS.into_iter().zip(tokens) {
-        let [model, tenant] = labels.clone();
-        counter!(
-            TOKENS,
-            vec![Label::from_static_parts("kind", kind), model, tenant]
-        )
-        .increment(n);
+    for (i, n) in tokens.into_iter().enumerate() {
+        add(Which::Tokens(i), n);
     }
     if u.server_tool_use.web_search_requests > 0 {
-        counter!(WEB_SEARCHES, labels.iter()).increment(u.server_tool_use.web_search_requests);
+        add(Which::WebSearches, u.server_tool_use.web_search_requests);
     }
     if !rec.complete {
-        counter!(INCOMPLETE, labels.iter()).increment(1);
+        add(Which::Incomplete, 1);
     }
     if let Some(c) = &rec.cost {
-        counter!(USD_NANOS, labels.iter()).increment(c.total.nanos());
+        add(Which::Usd, c.total.nanos());
+    }
+}
+
+/// Counts one committed record, looking each counter it touches up in the recorder in use.
+pub(crate) fn record(rec: &CostRecord) {
+    let labels = labels(rec);
+    count(rec, |which, n| which.counter(&labels).increment(n));
+}
+
+/// Every counter of one (model, tenant) pair, in the order of [`Which::ALL`].
+struct Handles([Counter; 12]);
+
+/// The most (model, tenant) pairs whose handles [`MetricHandles`] keeps; past it, a record
+/// looks its counters up each time (correct, only slower).
+const MAX_HANDLE_SETS: usize = 4096;
+
+/// The identity of the recorder the `metrics` macros would use here and now: the local one
+/// if set, else the global one, else the no-op one.
+fn recorder_id() -> usize {
+    metrics::with_recorder(|r| std::ptr::from_ref(r).cast::<()>().addr())
+}
+
+/// Counter handles per (model, tenant), kept across records (see
+/// [`CostTrackerBuilder::reuse_metric_handles`](crate::CostTrackerBuilder::reuse_metric_handles)).
+#[derive(Default)]
+pub(crate) struct MetricHandles {
+    sets: RwLock<HandleSets>,
+}
+
+#[derive(Default)]
+struct HandleSets {
+    recorder: usize,
+    by_pair: HashMap<(Arc<str>, Tenant), Arc<Handles>>,
+}
+
+impl MetricHandles {
+    /// Counts one committed record through the kept handles of its pair. (Every counter of
+    /// a pair is registered when the pair is first seen, so the ones it never touches show
+    /// at zero.)
+    pub(crate) fn record(&self, rec: &CostRecord) {
+        let h = self.handles(rec);
+        count(rec, |which, n| h.0[which.index()].increment(n));
+    }
+
+    fn handles(&self, rec: &CostRecord) -> Arc<Handles> {
+        let recorder = recorder_id();
+        let pair = (rec.model.clone(), rec.tenant.clone());
+        {
+            let sets = self.sets.read().unwrap_or_else(PoisonError::into_inner);
+            if sets.recorder == recorder {
+                if let Some(h) = sets.by_pair.get(&pair) {
+                    return h.clone();
+                }
+            }
+        }
+        let labels = labels(rec);
+        let h = Arc::new(Handles(Which::ALL.map(|w| w.counter(&labels))));
+        let mut sets = self.sets.write().unwrap_or_else(PoisonError::into_inner);
+        if sets.recorder != recorder {
+            sets.recorder = recorder;
+            sets.by_pair.clear();
+        }
+        if sets.by_pair.len() < MAX_HANDLE_SETS {
+            sets.by_pair.insert(pair, h.clone());
+        }
+        h
     }
 }
 
@@ -296,6 +426,53 @@ mod tests {
             ));
         }
         assert_eq!(seen, [(1, 7), (2, 14), (3, 21)]);
+    }
+
+    #[test]
+    fn reused_handles_count_like_the_lookups_and_follow_a_new_recorder() {
+        // The same records through a tracker that looks its counters up each time and one
+        // that keeps the handles: the same counts. Then the keeping tracker under a second
+        // recorder (alive at the same time as the first, so at another address): its handles
+        // are resolved again and the second recorder gets the counts.
+        let u = Usage {
+            input_tokens: 11,
+            output_tokens: 3,
+            ..Usage::default()
+        };
+        let records = |t: &CostTracker| {
+            t.record_usage(&Tenant::new("a"), "claude-sonnet-4-5", &u, None, None);
+            t.record_usage(&Tenant::new("a"), "claude-sonnet-4-5", &u, None, None);
+            t.record_usage(&Tenant::new("b"), "mystery-1", &u, None, None);
+        };
+        let looked_up = DebuggingRecorder::new();
+        let kept = DebuggingRecorder::new();
+        let later = DebuggingRecorder::new();
+        let keeping = CostTracker::builder().reuse_metric_handles(true).build();
+        metrics::with_local_recorder(&looked_up, || records(&CostTracker::builder().build()));
+        metrics::with_local_recorder(&kept, || records(&keeping));
+        metrics::with_local_recorder(&later, || records(&keeping));
+        let (a, b, c) = (
+            counters(&looked_up.snapshotter()),
+            counters(&kept.snapshotter()),
+            counters(&later.snapshotter()),
+        );
+        let sonnet = [("model", "claude-sonnet-4-5-20250929"), ("tenant", "a")];
+        let mystery = [("model", "mystery-1"), ("tenant", "b")];
+        let usd = get(&a, USD_NANOS, &sonnet);
+        assert!(usd > 0);
+        for c in [&a, &b, &c] {
+            assert_eq!(get(c, REQUESTS, &sonnet), 2);
+            assert_eq!(
+                get(c, TOKENS, &[sonnet[0], sonnet[1], ("kind", "input")]),
+                22
+            );
+            assert_eq!(
+                get(c, TOKENS, &[sonnet[0], sonnet[1], ("kind", "output")]),
+                6
+            );
+            assert_eq!(get(c, UNKNOWN_MODEL, &mystery), 1);
+            assert_eq!(get(c, USD_NANOS, &sonnet), usd);
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]

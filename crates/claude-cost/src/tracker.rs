@@ -91,6 +91,9 @@ pub struct CostConfig {
     pub prices_file: Option<PathBuf>,
     /// Budgets. Default: none.
     pub budgets: BudgetConfig,
+    /// Not read from TOML: see [`CostTrackerBuilder::reuse_metric_handles`]. Default false.
+    #[serde(skip)]
+    pub reuse_metric_handles: bool,
 }
 
 /// The cost ledger shared by every [`Cost`](crate::Cost) service (cheap to clone): totals
@@ -122,6 +125,8 @@ struct Inner {
     reject_unknown: bool,
     state: Mutex<State>,
     warned: Mutex<HashSet<Arc<str>>>,
+    /// Counter handles per (model, tenant), when reused.
+    metric_handles: Option<crate::metrics::MetricHandles>,
     /// Budgets shared through Redis, if any.
     #[cfg(feature = "redis")]
     shared: Option<crate::redis::RedisBudgets>,
@@ -155,6 +160,7 @@ pub struct CostTrackerBuilder {
     alerts: Arc<dyn AlertHandler>,
     clock: Clock,
     on_record: Option<RecordHook>,
+    reuse_metric_handles: bool,
     #[cfg(feature = "redis")]
     shared: Option<crate::redis::RedisBudgets>,
 }
@@ -199,6 +205,20 @@ impl CostTrackerBuilder {
         self
     }
 
+    /// Resolves the counters of each (model, tenant) pair once and keeps the handles, instead
+    /// of building, hashing and looking up ten labelled keys per request (about 13,000
+    /// instructions per request with the Prometheus recorder). Default false.
+    ///
+    /// Turn it on only where one `metrics` recorder serves the whole process, installed
+    /// globally, as claude-gateway does. The handles are re-resolved when the recorder in use
+    /// changes address (none installed yet, then a global one), but two local recorders that
+    /// live at the same address one after the other (a test's `with_local_recorder` in a
+    /// loop) cannot be told apart, and the second would get no counts.
+    pub fn reuse_metric_handles(mut self, on: bool) -> Self {
+        self.reuse_metric_handles = on;
+        self
+    }
+
     /// Shares the budgets with every tracker on the same Redis (feature `redis`; see the
     /// [`redis`](crate::redis) module). Without budgets it changes nothing.
     #[cfg(feature = "redis")]
@@ -226,6 +246,9 @@ impl CostTrackerBuilder {
                     budgets: Budgets::new(self.budgets),
                 }),
                 warned: Mutex::new(HashSet::new()),
+                metric_handles: self
+                    .reuse_metric_handles
+                    .then(crate::metrics::MetricHandles::default),
                 #[cfg(feature = "redis")]
                 shared: self.shared.filter(|_| has_budgets),
             }),
@@ -334,6 +357,7 @@ impl CostTracker {
             alerts: Arc::new(LogAlerts),
             clock: Arc::new(SystemTime::now),
             on_record: None,
+            reuse_metric_handles: false,
             #[cfg(feature = "redis")]
             shared: None,
         }
@@ -353,7 +377,8 @@ impl CostTracker {
         }
         Ok(Self::builder()
             .prices(prices)
-            .budgets(config.budgets.clone()))
+            .budgets(config.budgets.clone())
+            .reuse_metric_handles(config.reuse_metric_handles))
     }
 
     /// A [`CostLayer`] recording into this tracker.
@@ -754,7 +779,10 @@ impl CostTracker {
 
     /// What follows every commit: metrics, the unknown-model warning, the record hook.
     fn after_commit(&self, rec: &CostRecord) {
-        metrics::record(rec);
+        match &self.inner.metric_handles {
+            Some(handles) => handles.record(rec),
+            None => metrics::record(rec),
+        }
         if rec.cost.is_none() {
             self.warn_unknown(rec);
         }

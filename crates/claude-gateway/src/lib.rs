@@ -146,8 +146,13 @@ impl Gateway {
             None
         };
         cfg.stack.client.base_url.clone_from(&cfg.upstream);
-        let mut stack =
-            claude_stack::ClaudeStack::new(cfg.stack_config()).map_err(StartError::Stack)?;
+        let mut stack_config = cfg.stack_config();
+        if let claude_stack::Toggle::On(cost) = &mut stack_config.cost {
+            // The gateway's metrics go to one global recorder (installed below, before the
+            // first request), so the cost counters' handles can be kept across requests.
+            cost.reuse_metric_handles = true;
+        }
+        let mut stack = claude_stack::ClaudeStack::new(stack_config).map_err(StartError::Stack)?;
         // Readiness: with the default key ring, ready once it holds a key; with configured
         // [stack.secrets], the rings fetch in the background and report through metrics.
         let mut ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(|| true);
