@@ -242,10 +242,12 @@ impl MetricHandles {
         let pair = (rec.model.clone(), rec.tenant.clone());
         {
             let sets = self.sets.read().unwrap_or_else(PoisonError::into_inner);
-            if sets.recorder == recorder {
-                if let Some(h) = sets.by_pair.get(&pair) {
-                    return h.clone();
-                }
+            if let Some(h) = sets
+                .by_pair
+                .get(&pair)
+                .filter(|_| sets.recorder == recorder)
+            {
+                return h.clone();
             }
         }
         let labels = labels(rec);
