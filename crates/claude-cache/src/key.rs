@@ -536,12 +536,15 @@ impl<'a> Canon<'a> {
                 return Err(self.err("unterminated string"));
             };
             let run = &self.src[self.pos..self.pos + rel];
-            // Escapes and quotes are ASCII, so a run never splits a UTF-8 sequence.
-            if run.iter().any(|&b| b < 0x20) {
-                return Err(self.err("control character in string"));
-            }
-            if std::str::from_utf8(run).is_err() {
-                return Err(self.err("invalid UTF-8 in string"));
+            // Escapes and quotes are ASCII, so a run never splits a UTF-8 sequence. Printable
+            // ASCII, the usual case, is checked in one pass; anything else is checked in full.
+            if !printable_ascii(run) {
+                if run.iter().any(|&b| b < 0x20) {
+                    return Err(self.err("control character in string"));
+                }
+                if std::str::from_utf8(run).is_err() {
+                    return Err(self.err("invalid UTF-8 in string"));
+                }
             }
             self.out.extend_from_slice(run);
             self.pos += rel;
@@ -757,6 +760,13 @@ impl<'a> Canon<'a> {
     }
 }
 
+/// Whether every byte of `run` is printable ASCII (0x20..=0x7f). Folds without an early exit
+/// so that it compiles to vector compares.
+fn printable_ascii(run: &[u8]) -> bool {
+    run.chunks(64)
+        .all(|c| c.iter().fold(true, |ok, &b| ok & (b >= 0x20) & (b < 0x80)))
+}
+
 /// Writes one decoded character the canonical way: `"` and `\` escaped, control
 /// characters as `\b \f \n \r \t` or `\u00xx`, everything else as UTF-8.
 fn write_char(out: &mut Vec<u8>, ch: char) {
@@ -883,6 +893,19 @@ mod tests {
             );
         }
         assert!(canonical_json(b"\"\xff\"", NONE).is_err());
+        // Past the first 64-byte piece of a long run, too; valid non-ASCII still passes.
+        let long = "a".repeat(100);
+        for (tail, ok) in [("\u{1}", false), ("\u{7f}é", true), ("", true)] {
+            let text = format!("\"{long}{tail}{long}\"");
+            assert_eq!(
+                canonical_json(text.as_bytes(), NONE).is_ok(),
+                ok,
+                "{tail:?}"
+            );
+        }
+        let mut bad_utf8 = format!("\"{long}").into_bytes();
+        bad_utf8.extend_from_slice(b"\xc3\"");
+        assert!(canonical_json(&bad_utf8, NONE).is_err());
         let deep = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
         let e = canonical_json(deep.as_bytes(), NONE).unwrap_err();
         assert_eq!(e.reason(), "nesting too deep");
