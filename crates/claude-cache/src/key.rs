@@ -763,8 +763,11 @@ impl<'a> Canon<'a> {
 /// Whether every byte of `run` is printable ASCII (0x20..=0x7f). Folds without an early exit
 /// so that it compiles to vector compares.
 fn printable_ascii(run: &[u8]) -> bool {
-    run.chunks(64)
-        .all(|c| c.iter().fold(true, |ok, &b| ok & (b >= 0x20) & (b < 0x80)))
+    run.chunks(64).all(|c| {
+        c.iter().fold(0u8, |outside, &b| {
+            outside | u8::from(b.wrapping_sub(0x20) >= 0x60)
+        }) == 0
+    })
 }
 
 /// Writes one decoded character the canonical way: `"` and `\` escaped, control
