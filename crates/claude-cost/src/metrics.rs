@@ -17,7 +17,7 @@
 //! dashboard divides by 10⁹. Labels never carry an API key or a request id: `model` is the
 //! price table's canonical id when the model is known, otherwise the model the response
 //! named (so it was accepted upstream), at most 64 bytes, or `unknown`; `tenant` is the
-//! [`Tenant`](claude_core::Tenant) id, whose cardinality the application controls.
+//! [`Tenant`] id, whose cardinality the application controls.
 //! Tenants are not a label of the budget metrics: refusals can be driven by clients.
 
 use std::collections::HashMap;
