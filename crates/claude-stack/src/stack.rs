@@ -37,7 +37,7 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use serde::Deserialize;
-use tower::{Layer, Service, ServiceBuilder};
+use tower::{Layer, Service};
 
 use crate::client::{ClientConfig, HttpClient};
 pub use crate::erased::StackService;
@@ -232,32 +232,36 @@ impl ClaudeStack {
         B::Error: Into<BoxError>,
     {
         // Innermost first. The upstream probe times every attempt to its response headers.
-        let mut svc = StackService::new(Probe::Upstream.layer(inner));
-        if let Some(keys) = &self.api_key {
-            svc = wrap(svc, keys.clone());
-        }
+        // Layers that are on together are composed as they are and erased once: every erasure
+        // costs each call a boxed future.
+        let upstream = Probe::Upstream.layer(inner);
+        let mut svc = match &self.api_key {
+            Some(keys) => StackService::new(keys.layer(upstream)),
+            None => StackService::new(upstream),
+        };
         if let Some(limiter) = &self.rate_limit {
             // The probes around the limiter measure queueing, which is not overhead.
-            svc = wrap(svc, Probe::LimiterPass);
-            svc = wrap(svc, limiter.clone());
-            svc = wrap(svc, Probe::LimiterEnter);
+            let limited = limiter.layer(Probe::LimiterPass.layer(svc));
+            svc = StackService::new(Probe::LimiterEnter.layer(limited));
         }
-        if let Some(t) = self.config.attempt_timeout {
-            svc = StackService::new(
-                ServiceBuilder::new()
-                    .layer(tower::timeout::TimeoutLayer::new(t))
-                    .service(svc),
-            );
-        }
-        if let Some(retry) = &self.retry {
-            svc = wrap(svc, retry.clone());
-        }
-        if let Some(cache) = &self.cache {
-            svc = wrap(svc, cache.clone());
-        }
-        if let Some(tracker) = &self.cost {
-            svc = wrap(svc, tracker.layer());
-        }
+        let timeout = self
+            .config
+            .attempt_timeout
+            .map(tower::timeout::TimeoutLayer::new);
+        svc = match (&self.retry, timeout) {
+            (Some(retry), Some(t)) => StackService::new(retry.layer(t.layer(svc))),
+            (Some(retry), None) => wrap(svc, retry.clone()),
+            (None, Some(t)) => wrap(svc, t),
+            (None, None) => svc,
+        };
+        svc = match (&self.cost, &self.cache) {
+            (Some(tracker), Some(cache)) => {
+                StackService::new(tracker.layer().layer(cache.layer(svc)))
+            }
+            (Some(tracker), None) => wrap(svc, tracker.layer()),
+            (None, Some(cache)) => wrap(svc, cache.clone()),
+            (None, None) => svc,
+        };
         StackService::new(ObserveLayer.layer(svc))
     }
 
