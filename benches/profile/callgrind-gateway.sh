@@ -35,7 +35,8 @@ callgrind_control -z "$pid" >/dev/null
 sleep 10
 callgrind_control -d "$pid" >/dev/null
 sleep 1
+# Only this run's servers (the children of its bench-gateway), then the bench itself.
+pkill -P "$bench" 2>/dev/null || true
 kill "$bench" 2>/dev/null || true
-pkill -f -- "--serve" 2>/dev/null || true
 echo "# $kind, layers $layers, $shape (profile in $out)"
 python3 "$root/benches/profile/callgrind_summary.py" "$out"/cg."$pid".1
