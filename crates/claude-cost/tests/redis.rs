@@ -327,6 +327,20 @@ fn redis_field(redis: &RedisServer, key: &str, field: &str) -> Option<i64> {
         .flatten()
 }
 
+/// Leaves a reservation `r:ghost` of `amount` in the window `key`, as a dead instance would,
+/// with its lease ending at `lease_end_ms` (a score of the window's lease set).
+fn ghost_reservation(redis: &RedisServer, key: &str, amount: u64, lease_end_ms: &str) {
+    let amount = amount.to_string();
+    redis_cmd(
+        redis,
+        &["HSET", key, "reserved", &amount, "r:ghost", &amount],
+    );
+    redis_cmd(
+        redis,
+        &["ZADD", &format!("{key}:leases"), lease_end_ms, "ghost"],
+    );
+}
+
 fn redis_cmd(redis: &RedisServer, args: &[&str]) {
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
@@ -412,40 +426,14 @@ async fn a_reservation_nobody_settles_ends_with_its_lease() {
     );
     let key = today_key();
     // A dead instance's reservation of the whole cap, whose lease has ended.
-    let past = "1";
-    redis_cmd(
-        &redis,
-        &[
-            "HSET",
-            &key,
-            "reserved",
-            &worst.to_string(),
-            "r:ghost",
-            &worst.to_string(),
-        ],
-    );
-    redis_cmd(&redis, &["ZADD", &format!("{key}:leases"), past, "ghost"]);
+    ghost_reservation(&redis, &key, worst, "1");
     // The next admission drops it, and fits.
     assert_eq!(send(&svc, &mock, "after-the-lease").await, Ok(200));
     settled(&redis, &key, actual).await;
     assert_eq!(redis_field(&redis, &key, "r:ghost"), None);
     // A live lease is kept: the same ghost with a lease far in the future refuses.
     redis_cmd(&redis, &["DEL", &key, &format!("{key}:leases")]);
-    redis_cmd(
-        &redis,
-        &[
-            "HSET",
-            &key,
-            "reserved",
-            &worst.to_string(),
-            "r:ghost",
-            &worst.to_string(),
-        ],
-    );
-    redis_cmd(
-        &redis,
-        &["ZADD", &format!("{key}:leases"), "99999999999999", "ghost"],
-    );
+    ghost_reservation(&redis, &key, worst, "99999999999999");
     assert_eq!(
         send(&svc, &mock, "during-the-lease").await,
         Err(ErrorKind::BudgetExceeded)

@@ -119,6 +119,18 @@ impl ScopeBuckets {
         i64::try_from(now.saturating_duration_since(self.epoch).as_micros()).unwrap_or(i64::MAX)
     }
 
+    /// Records `b`'s level `milli` as of `now`.
+    fn store(levels: &mut HashMap<String, Level>, b: &GrantBucket, milli: i64, now: i64) {
+        levels.insert(
+            b.key.clone(),
+            Level {
+                milli,
+                at: now,
+                cap: b.cap,
+            },
+        );
+    }
+
     /// The level of a bucket at `now`, refilled continuously from its last update.
     fn refilled(levels: &HashMap<String, Level>, b: &GrantBucket, now: i64) -> i64 {
         levels
@@ -149,15 +161,7 @@ impl ScopeBuckets {
             ));
         }
         for (b, level) in buckets.iter().zip(current) {
-            let level = level - b.demand;
-            levels.insert(
-                b.key.clone(),
-                Level {
-                    milli: level,
-                    at: t,
-                    cap: b.cap,
-                },
-            );
+            Self::store(&mut levels, b, level - b.demand, t);
         }
         if self.grants.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             Self::sweep(&mut levels, t);
@@ -174,14 +178,7 @@ impl ScopeBuckets {
             if level >= b.cap {
                 levels.remove(&b.key);
             } else {
-                levels.insert(
-                    b.key.clone(),
-                    Level {
-                        milli: level,
-                        at: t,
-                        cap: b.cap,
-                    },
-                );
+                Self::store(&mut levels, b, level, t);
             }
         }
     }
