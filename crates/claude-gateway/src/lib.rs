@@ -37,6 +37,7 @@
 mod admin;
 mod config;
 mod server;
+mod wake;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::ClientKeys;
+use crate::wake::SelfWake;
 
 /// The response body the gateway streams to callers.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -274,7 +275,7 @@ pub(crate) async fn serve(
                     async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                let conn = graceful.watch(conn.into_owned());
+                let conn = SelfWake::new(graceful.watch(conn.into_owned()));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
