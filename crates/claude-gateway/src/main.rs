@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use claude_gateway::{Gateway, Options};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A relay for the Anthropic Messages API with retries, rate limits, caching, cost
 /// accounting and managed keys. Point an SDK's base_url at it.
 #[derive(Debug, Parser)]

@@ -26,6 +26,10 @@ mod load;
 mod report;
 mod servers;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child as Process, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
