@@ -45,6 +45,13 @@ enum Command {
     },
 }
 
+/// The log filter when `RUST_LOG` is not set: `info`, except the per-request span
+/// `gen_ai.request` (target `claude_stack::observe`). The terminal output shows a span only as
+/// the context of an event inside it, yet formats its fields on every request: about 25,000
+/// instructions per request, 15% of the relay's (BENCHMARKS.md §8). Warnings inside a request
+/// are still printed; `RUST_LOG=info` brings the span back.
+const DEFAULT_LOG: &str = "info,claude_stack::observe=warn";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::HashKey { key }) = &cli.command {
@@ -54,7 +61,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
