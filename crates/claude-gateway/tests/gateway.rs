@@ -52,15 +52,20 @@ fn temp_config(text: &str) -> std::path::PathBuf {
     p
 }
 
-#[tokio::test]
-async fn mock_mode_relays_json_and_sse_and_serves_health() {
-    let gw = Gateway::start(Options {
+/// A gateway on a free loopback port in front of its built-in mock, default configuration.
+async fn mock_gateway() -> Gateway {
+    Gateway::start(Options {
         mock: true,
         listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Options::default()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn mock_mode_relays_json_and_sse_and_serves_health() {
+    let gw = mock_gateway().await;
     assert!(gw.loopback_only());
     let c = client();
     let (s, _, b) = send(
@@ -249,13 +254,7 @@ async fn refuses_public_listen_without_keys_and_names_bad_fields() {
 
 #[tokio::test]
 async fn admin_costs_match_what_the_mock_served() {
-    let gw = Gateway::start(Options {
-        mock: true,
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..Options::default()
-    })
-    .await
-    .unwrap();
+    let gw = mock_gateway().await;
     let c = client();
     for (i, usage) in [
         "input=100,output=20",
@@ -352,13 +351,7 @@ async fn admin_costs_need_the_admin_key_when_one_is_set() {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish_then_refuses_new_ones() {
-    let gw = Gateway::start(Options {
-        mock: true,
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..Options::default()
-    })
-    .await
-    .unwrap();
+    let gw = mock_gateway().await;
     let addr = gw.addr();
     let c = client();
     let stream_body = BODY.replace("\"max_tokens\":32", "\"max_tokens\":32,\"stream\":true");
@@ -393,4 +386,85 @@ async fn shutdown_lets_in_flight_requests_finish_then_refuses_new_ones() {
         refused.is_err(),
         "a stopped gateway accepts no new connections"
     );
+}
+
+/// Many requests at once on a multi-threaded runtime, over HTTP/1.1 keep-alive connections
+/// and over one HTTP/2 connection (many streams on one connection future): every request gets
+/// exactly one whole answer. This is the load under which connections wake themselves while
+/// they are polled, and wakes arrive from other worker threads during a poll (the gateway
+/// polls such a connection again at once rather than yielding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_http1_and_http2_requests_each_get_one_whole_answer() {
+    let gw = mock_gateway().await;
+    let h1 = client();
+    let h2: HttpClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let addr = gw.addr();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        let c = if i % 2 == 0 { h1.clone() } else { h2.clone() };
+        let stream = i % 4 < 2;
+        // Distinct bodies: every request is a cache miss that reaches the mock.
+        let body = BODY.replace(
+            "\"hello\"",
+            &format!("\"hello {i}\"{}", if stream { ",\"x\":1" } else { "" }),
+        );
+        let body = if stream {
+            body.replace("\"max_tokens\":32", "\"max_tokens\":32,\"stream\":true")
+        } else {
+            body
+        };
+        tasks.spawn(async move {
+            let req = Request::post(format!("http://{addr}/v1/messages"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = c.request(req).await.unwrap();
+            let version = resp.version();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (i, stream, version, status, bytes)
+        });
+    }
+    let mut seen = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (i, stream, version, status, bytes) = r.unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert_eq!(status, StatusCode::OK, "request {i}: {text}");
+        let expected = if i % 2 == 0 {
+            http::Version::HTTP_11
+        } else {
+            http::Version::HTTP_2
+        };
+        assert_eq!(version, expected, "request {i}");
+        if stream {
+            assert_eq!(
+                text.matches("event: message_start").count(),
+                1,
+                "{i}: {text}"
+            );
+            assert!(
+                text.trim_end()
+                    .ends_with("data: {\"type\":\"message_stop\"}"),
+                "{i}: {text}"
+            );
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert!(
+                v["usage"]["output_tokens"].as_u64().unwrap() > 0,
+                "{i}: {text}"
+            );
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 200);
+    assert_eq!(
+        gw.mock().unwrap().stats().requests,
+        200,
+        "each reached the upstream once"
+    );
+    let summary = gw.shutdown().await;
+    assert_eq!(summary.requests, 200);
+    assert!(summary.drained);
 }

@@ -243,6 +243,10 @@ impl tower::Service<Request<Bytes>> for HttpClient {
             Err(e) => return Box::pin(async move { Err(e.into()) }),
         };
         parts.uri = uri;
+        // The caller's HTTP version belongs to the caller's hop (a gateway's caller may speak
+        // HTTP/2 or HTTP/1.0); upstream, the connection decides. hyper-util refuses an HTTP/2
+        // request on an HTTP/1 connection, and would send an HTTP/1.0 one as such.
+        parts.version = http::Version::HTTP_11;
         if !parts.headers.contains_key(ANTHROPIC_VERSION) {
             parts
                 .headers

@@ -82,6 +82,34 @@ async fn relays_to_base_url_with_prefix_and_sane_headers() {
     assert_eq!(v["headers"]["anthropic-version"], "2099-01-01");
 }
 
+/// The version of the caller's request belongs to the caller's hop: a request that reached
+/// a gateway over HTTP/2 (or HTTP/1.0) is sent upstream on whatever connection the client has
+/// (here HTTP/1.1), not refused by the connection pool.
+#[tokio::test]
+async fn callers_http_version_does_not_travel_upstream() {
+    let addr = echo_server().await;
+    let client = HttpClient::new(&ClientConfig {
+        base_url: format!("http://{addr}"),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    for version in [
+        http::Version::HTTP_2,
+        http::Version::HTTP_10,
+        http::Version::HTTP_11,
+    ] {
+        let req = Request::post("/v1/messages")
+            .version(version)
+            .body(Bytes::from_static(b"{}"))
+            .unwrap();
+        let resp = client.clone().oneshot(req).await.unwrap_or_else(|e| {
+            panic!("{version:?}: {e:?}");
+        });
+        assert_eq!(resp.status(), 200, "{version:?}");
+        assert_eq!(resp.version(), http::Version::HTTP_11, "{version:?}");
+    }
+}
+
 #[tokio::test]
 async fn connection_refused_is_a_classified_connection_error() {
     // Bind then drop to get a port nobody listens on.
