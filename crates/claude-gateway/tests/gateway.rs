@@ -52,6 +52,18 @@ fn temp_config(text: &str) -> std::path::PathBuf {
     p
 }
 
+/// `POST /v1/messages` to the gateway at `addr`, with one extra header.
+fn post_messages(
+    addr: std::net::SocketAddr,
+    (name, value): (&str, &str),
+    body: String,
+) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{addr}/v1/messages"))
+        .header(name, value)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
 /// A gateway on a free loopback port in front of its built-in mock, default configuration.
 async fn mock_gateway() -> Gateway {
     Gateway::start(Options {
@@ -358,10 +370,7 @@ async fn shutdown_lets_in_flight_requests_finish_then_refuses_new_ones() {
     let in_flight = tokio::spawn({
         let c = c.clone();
         async move {
-            let req = Request::post(format!("http://{addr}/v1/messages"))
-                .header("x-mock-latency-ms", "300")
-                .body(Full::new(Bytes::from(stream_body)))
-                .unwrap();
+            let req = post_messages(addr, ("x-mock-latency-ms", "300"), stream_body);
             let resp = c.request(req).await.unwrap();
             let status = resp.status();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -416,10 +425,7 @@ async fn concurrent_http1_and_http2_requests_each_get_one_whole_answer() {
             body
         };
         tasks.spawn(async move {
-            let req = Request::post(format!("http://{addr}/v1/messages"))
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap();
+            let req = post_messages(addr, ("content-type", "application/json"), body);
             let resp = c.request(req).await.unwrap();
             let version = resp.version();
             let status = resp.status();
