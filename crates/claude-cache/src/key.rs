@@ -74,8 +74,20 @@ const DOMAIN: &[u8] = b"claude-cache/v1";
 ///
 /// `Debug` and `Display` print it in hex; it is safe to log (it is a hash of the request,
 /// and no credential is part of what is hashed).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CacheKey([u8; 32]);
+
+/// Hashes 8 of the 32 bytes: they are already a uniform hash, so the rest adds nothing to
+/// where a key lands in a table, only cost to every lookup (the cache, the in-flight map).
+/// The table's own hasher still mixes them (with a seed of its own, for std's and moka's
+/// maps), so no request can choose its bucket.
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
 
 impl CacheKey {
     /// The key of a request, under the scope and ignored fields of `config`.
@@ -121,23 +133,27 @@ impl CacheKey {
         ignore: &[S],
     ) -> Result<Self, KeyError> {
         let canonical = Canon::run(body, ignore)?;
-        let mut h = blake3::Hasher::new();
-        field(&mut h, DOMAIN);
+        // Everything before the canonical form is gathered first and given to the hasher in
+        // one update (BLAKE3 hashes a stream: how it is cut does not change the hash, and
+        // each update has a fixed cost).
+        let mut prefix = Vec::with_capacity(192);
+        field(&mut prefix, DOMAIN);
         let (kind, id): (&[u8], &str) = match scope {
             Some(id) => (b"tenant", id),
             None => (b"shared", ""),
         };
-        field(&mut h, kind);
-        field(&mut h, id.as_bytes());
-        field(&mut h, endpoint.as_str().as_bytes());
-        optional(&mut h, query.map(str::as_bytes));
-        let version = joined(headers, &ANTHROPIC_VERSION);
-        optional(&mut h, version.as_deref());
+        field(&mut prefix, kind);
+        field(&mut prefix, id.as_bytes());
+        field(&mut prefix, endpoint.as_str().as_bytes());
+        optional(&mut prefix, query.map(str::as_bytes));
+        optional_joined(&mut prefix, headers, &ANTHROPIC_VERSION);
         let betas = betas(headers);
-        h.update(&(betas.len() as u64).to_le_bytes());
+        prefix.extend_from_slice(&(betas.len() as u64).to_le_bytes());
         for b in &betas {
-            field(&mut h, b);
+            field(&mut prefix, b);
         }
+        let mut h = blake3::Hasher::new();
+        h.update(&prefix);
         // The canonical form is written straight into the hasher, objects' members in their
         // canonical order, after its length (as `field` would write it).
         h.update(&(canonical.len() as u64).to_le_bytes());
@@ -173,35 +189,43 @@ impl fmt::Debug for CacheKey {
     }
 }
 
-fn field(h: &mut blake3::Hasher, bytes: &[u8]) {
-    h.update(&(bytes.len() as u64).to_le_bytes());
-    h.update(bytes);
+fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
 }
 
-fn optional(h: &mut blake3::Hasher, bytes: Option<&[u8]>) {
+fn optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     match bytes {
         Some(b) => {
-            h.update(&[1]);
-            field(h, b);
+            out.push(1);
+            field(out, b);
         }
-        None => {
-            h.update(&[0]);
-        }
+        None => out.push(0),
     }
 }
 
-/// All values of a header, trimmed and joined with `,` (`None` when absent).
-fn joined(headers: &HeaderMap, name: &http::HeaderName) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
-    for v in headers.get_all(name) {
-        let v = v.as_bytes().trim_ascii();
-        let buf = out.get_or_insert_with(Vec::new);
-        if !buf.is_empty() {
-            buf.push(b',');
+/// All values of a header, trimmed and joined with `,`, written as an optional field
+/// (absent when the header is).
+fn optional_joined(out: &mut Vec<u8>, headers: &HeaderMap, name: &http::HeaderName) {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        out.push(0);
+        return;
+    };
+    out.push(1);
+    // The length goes before the bytes: write a placeholder and fill it in at the end.
+    let at = out.len();
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(first.as_bytes().trim_ascii());
+    for v in values {
+        // As the key has always been written: no comma while nothing is written yet.
+        if out.len() > at + 8 {
+            out.push(b',');
         }
-        buf.extend_from_slice(v);
+        out.extend_from_slice(v.as_bytes().trim_ascii());
     }
-    out
+    let len = (out.len() - at - 8) as u64;
+    out[at..at + 8].copy_from_slice(&len.to_le_bytes());
 }
 
 /// `anthropic-beta` items: split on commas across all values, trimmed, sorted, deduplicated.
@@ -1298,15 +1322,118 @@ mod tests {
     /// The key of a shared-scope `messages` request with no query and no headers, hashed
     /// from canonical bytes given in full (the layout of the module docs).
     fn key_of_canonical(canonical: &[u8]) -> CacheKey {
-        let mut h = blake3::Hasher::new();
+        let mut bytes = Vec::new();
         for f in [DOMAIN, b"shared", b"", b"messages"] {
-            field(&mut h, f);
+            field(&mut bytes, f);
         }
-        optional(&mut h, None);
-        optional(&mut h, None);
-        h.update(&0u64.to_le_bytes());
-        field(&mut h, canonical);
+        optional(&mut bytes, None);
+        optional(&mut bytes, None);
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        field(&mut bytes, canonical);
+        CacheKey(*blake3::hash(&bytes).as_bytes())
+    }
+
+    /// The key as the module docs lay it out, each field given to the hasher on its own
+    /// (how `from_parts` wrote it before it gathered the fields into one update).
+    fn key_field_by_field(
+        scope: Option<&str>,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> CacheKey {
+        fn put(h: &mut blake3::Hasher, b: &[u8]) {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        fn put_optional(h: &mut blake3::Hasher, b: Option<&[u8]>) {
+            match b {
+                Some(b) => {
+                    h.update(&[1]);
+                    put(h, b);
+                }
+                None => {
+                    h.update(&[0]);
+                }
+            }
+        }
+        let mut h = blake3::Hasher::new();
+        put(&mut h, DOMAIN);
+        let (kind, id) = scope.map_or((&b"shared"[..], ""), |id| (&b"tenant"[..], id));
+        put(&mut h, kind);
+        put(&mut h, id.as_bytes());
+        put(&mut h, b"messages");
+        put_optional(&mut h, query.map(str::as_bytes));
+        let mut version: Option<Vec<u8>> = None;
+        for v in headers.get_all(ANTHROPIC_VERSION) {
+            let buf = version.get_or_insert_with(Vec::new);
+            if !buf.is_empty() {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(v.as_bytes().trim_ascii());
+        }
+        put_optional(&mut h, version.as_deref());
+        let mut betas: Vec<&[u8]> = headers
+            .get_all(ANTHROPIC_BETA)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|s| !s.is_empty())
+            .collect();
+        betas.sort_unstable();
+        betas.dedup();
+        h.update(&(betas.len() as u64).to_le_bytes());
+        for b in &betas {
+            put(&mut h, b);
+        }
+        put(&mut h, &canonical_json(body, &["metadata"]).unwrap());
         CacheKey(*h.finalize().as_bytes())
+    }
+
+    #[test]
+    fn the_fields_gathered_in_one_update_give_the_key_field_by_field() {
+        let body = br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+        let versions: [&[&str]; 5] = [
+            &[],
+            &["2023-06-01"],
+            &["", "2023-06-01"],
+            &[" 2023-06-01 ", "", "x"],
+            &["", ""],
+        ];
+        let betas: [&[&str]; 3] = [&[], &["b, a"], &["", "a,,b", " c "]];
+        let mut seen = std::collections::HashSet::new();
+        for scope in [None, Some("team-a"), Some("")] {
+            for query in [None, Some(""), Some("beta=true")] {
+                for v in versions {
+                    for b in betas {
+                        let mut headers = HeaderMap::new();
+                        for x in v {
+                            headers.append(ANTHROPIC_VERSION, HeaderValue::from_str(x).unwrap());
+                        }
+                        for x in b {
+                            headers.append(ANTHROPIC_BETA, HeaderValue::from_str(x).unwrap());
+                        }
+                        let key = CacheKey::from_parts(
+                            scope,
+                            Endpoint::Messages,
+                            query,
+                            &headers,
+                            body,
+                            &["metadata"],
+                        )
+                        .unwrap();
+                        assert_eq!(
+                            key,
+                            key_field_by_field(scope, query, &headers, body),
+                            "{scope:?} {query:?} {v:?} {b:?}"
+                        );
+                        seen.insert(key);
+                    }
+                }
+            }
+        }
+        // `["2023-06-01"]` and `["", "2023-06-01"]` join to the same value; every other
+        // combination is a key of its own.
+        assert_eq!(seen.len(), 3 * 3 * 4 * 3);
     }
 
     /// A JSON text with random whitespace, member order, duplicate keys, escapes, and

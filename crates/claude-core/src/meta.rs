@@ -49,9 +49,14 @@ pub enum Endpoint {
 impl Endpoint {
     /// Recognises the endpoint from a request path; a relay prefix before `/v1/` is allowed.
     pub fn from_path(path: &str) -> Self {
-        let p = match path.find("/v1/") {
-            Some(i) => &path[i..],
-            None => return Self::Other,
+        // The usual path starts with `/v1/`; only a relay prefix needs the search.
+        let p = if path.starts_with("/v1/") {
+            path
+        } else {
+            match path.find("/v1/") {
+                Some(i) => &path[i..],
+                None => return Self::Other,
+            }
         };
         let p = p.trim_end_matches('/');
         if p == "/v1/messages" {
