@@ -59,6 +59,7 @@ mod meta;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod scan;
+mod skim;
 mod usage;
 
 pub use body::{FullBodyService, UsageBody, UsageHandle, collect_body, into_full, observe_usage};

@@ -30,6 +30,8 @@ use http::Request;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::skim;
+
 /// Which API endpoint a request targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -131,6 +133,35 @@ struct Wire<'a> {
     tools: Option<&'a RawValue>,
 }
 
+impl<'a> Wire<'a> {
+    fn members(&self) -> skim::Members<'a> {
+        skim::Members {
+            model: self.model.map(raw),
+            max_tokens: self.max_tokens.map(raw),
+            stream: self.stream.map(raw),
+            system: self.system.map(raw),
+            messages: self.messages.map(raw),
+            tools: self.tools.map(raw),
+        }
+    }
+}
+
+fn raw(v: &RawValue) -> &[u8] {
+    v.get().as_bytes()
+}
+
+/// The model named by the raw JSON text of `model`, when it is a string.
+fn model_name(raw: &[u8]) -> Option<Arc<str>> {
+    // A string without escapes is its own text between the quotes (the raw text is valid
+    // JSON, so there is no quote inside).
+    if let Some(inner) = raw.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\""))
+        && !inner.contains(&b'\\')
+    {
+        return std::str::from_utf8(inner).ok().map(Arc::from);
+    }
+    serde_json::from_slice::<String>(raw).ok().map(Arc::from)
+}
+
 /// The documented estimate: `ceil(bytes / 4)`, at least 1.
 pub const fn estimate_tokens_from_bytes(bytes: usize) -> u64 {
     let t = (bytes as u64).div_ceil(4);
@@ -140,6 +171,11 @@ pub const fn estimate_tokens_from_bytes(bytes: usize) -> u64 {
 impl RequestMeta {
     /// Parses the meta of a request to `path` with `body`.
     pub fn parse(path: &str, body: &[u8]) -> Self {
+        Self::parse_with(path, body, true)
+    }
+
+    /// [`parse`](Self::parse), with or without the fast path (the tests compare the two).
+    fn parse_with(path: &str, body: &[u8], fast: bool) -> Self {
         let endpoint = Endpoint::from_path(path);
         let mut meta = Self {
             endpoint,
@@ -153,40 +189,43 @@ impl RequestMeta {
             return meta;
         }
         meta.input_tokens_estimate = 1;
-        let wire: Wire<'_> = match serde_json::from_slice(body) {
-            Ok(w) => w,
-            Err(e) => {
-                meta.validity = Validity::Invalid(format!("body is not a JSON object: {e}").into());
-                return meta;
-            }
+        // The fast path answers for ordinary bodies; serde decides whenever it does not.
+        let wire = match skim::members(body).filter(|_| fast) {
+            Some(m) => m,
+            None => match serde_json::from_slice::<Wire<'_>>(body) {
+                Ok(w) => w.members(),
+                Err(e) => {
+                    meta.validity =
+                        Validity::Invalid(format!("body is not a JSON object: {e}").into());
+                    return meta;
+                }
+            },
         };
-        let raw_len = |v: Option<&RawValue>| v.map_or(0, |r| r.get().len());
+        let raw_len = |v: Option<&[u8]>| v.map_or(0, <[u8]>::len);
         meta.input_tokens_estimate = estimate_tokens_from_bytes(
             raw_len(wire.system) + raw_len(wire.messages) + raw_len(wire.tools),
         );
         let mut problems: Vec<&str> = Vec::new();
-        match wire.model.map(|r| serde_json::from_str::<&str>(r.get())) {
-            Some(Ok(m)) => meta.model = Some(Arc::from(m)),
-            Some(Err(_)) => {
-                // Escaped strings do not borrow; take the owned path.
-                match wire.model.map(|r| serde_json::from_str::<String>(r.get())) {
-                    Some(Ok(m)) => meta.model = Some(Arc::from(m)),
-                    _ => problems.push("`model` must be a string"),
-                }
-            }
+        match wire.model.map(model_name) {
+            Some(Some(m)) => meta.model = Some(m),
+            Some(None) => problems.push("`model` must be a string"),
             None => problems.push("`model` is required"),
         }
-        match wire.stream.map(RawValue::get) {
-            None | Some("false" | "null") => {}
-            Some("true") => meta.stream = true,
+        match wire.stream {
+            None | Some(b"false" | b"null") => {}
+            Some(b"true") => meta.stream = true,
             Some(_) => problems.push("`stream` must be a boolean"),
         }
-        if wire.messages.is_none_or(|m| !m.get().starts_with('[')) {
+        if wire.messages.is_none_or(|m| !m.starts_with(b"[")) {
             problems.push("`messages` must be an array");
         }
         if endpoint == Endpoint::Messages {
-            match wire.max_tokens.map(|r| r.get().parse::<u32>()) {
-                Some(Ok(n)) if n > 0 => meta.max_tokens = Some(n),
+            match wire.max_tokens.map(|t| {
+                std::str::from_utf8(t)
+                    .ok()
+                    .and_then(|t| t.parse::<u32>().ok())
+            }) {
+                Some(Some(n)) if n > 0 => meta.max_tokens = Some(n),
                 Some(_) => problems.push("`max_tokens` must be a positive integer"),
                 None => problems.push("`max_tokens` is required"),
             }
@@ -386,6 +425,105 @@ mod tests {
             "claude-3-5-haiku"
         );
         assert_eq!(model_family("gpt"), "gpt");
+    }
+
+    /// Bodies on which the fast path and serde must agree: ordinary requests, and bodies
+    /// that are unusual or invalid in each way the fast path leaves to serde.
+    const BODIES: &[&str] = &[
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":false,"temperature":0.2,"system":"Be brief.","messages":[{"role":"user","content":"Hello, \"world\" \u00e9\n"}]}"#,
+        r#" {"messages":[],"model":"m","max_tokens":1,"tools":[{"name":"t","input_schema":{"type":"object"}}]} "#,
+        r#"{"model":"m","max_tokens":1,"messages":[],"stream":true}"#,
+        r#"{"model":"m","max_tokens":1,"messages":[],"stream":null}"#,
+        r#"{"model":"m","max_tokens":1,"messages":[],"stream":"yes"}"#,
+        r#"{"model":null,"max_tokens":1,"messages":[]}"#,
+        r#"{"model":"a\u002db","max_tokens":1,"messages":[]}"#,
+        r#"{"model":"\ud800","max_tokens":1,"messages":[]}"#,
+        r#"{"model":7,"max_tokens":1,"messages":[]}"#,
+        r#"{"model":"m","max_tokens":-1,"messages":[]}"#,
+        r#"{"model":"m","max_tokens":1.0,"messages":[]}"#,
+        r#"{"model":"m","max_tokens":4294967296,"messages":[]}"#,
+        r#"{"model":"m","max_tokens":1,"messages":{}}"#,
+        r#"{"model":"m","max_tokens":1,"messages":[],"model":"n"}"#,
+        r#"{"mod\u0065l":"m","max_tokens":1,"messages":[]}"#,
+        r#"{"model":"m","max_tokens":1,"messages":[],"x":"\q"}"#,
+        r#"{"model":"m","max_tokens":1,"messages":[],}"#,
+        r#"["m",1,false,null,[],null]"#,
+        r#"{"model":"m","max_tokens":1,"messages":[[[[[[[[[[]]]]]]]]]]}"#,
+        "{\"model\":\"m\",\"max_tokens\":1,\"messages\":[\"\u{1}\"]}",
+        "{\"model\":\"m\u{e9}\",\"max_tokens\":1,\"messages\":[\"\u{1F600}\"]}",
+        "",
+        "{}",
+        "null",
+    ];
+
+    fn agree(path: &str, body: &[u8]) {
+        assert_eq!(
+            RequestMeta::parse_with(path, body, true),
+            RequestMeta::parse_with(path, body, false),
+            "{path} {}",
+            String::from_utf8_lossy(body)
+        );
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_serde() {
+        // The ordinary bodies do take the fast path (else agreeing would prove nothing).
+        for body in &BODIES[..6] {
+            assert!(skim::members(body.as_bytes()).is_some(), "{body}");
+        }
+        for body in BODIES {
+            for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+                agree(path, body.as_bytes());
+            }
+        }
+        // Deep nesting on both sides of the fast path's limit and of serde's.
+        for n in [98, 99, 100, 126, 127, 128, 200] {
+            let body = format!(
+                r#"{{"model":"m","max_tokens":1,"messages":{}{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            );
+            agree("/v1/messages", body.as_bytes());
+        }
+        // Invalid UTF-8 where serde does not look (an ignored string) and where it does.
+        agree(
+            "/v1/messages",
+            b"{\"model\":\"m\",\"max_tokens\":1,\"messages\":[],\"x\":\"\xff\"}",
+        );
+        agree(
+            "/v1/messages",
+            b"{\"model\":\"m\xff\",\"max_tokens\":1,\"messages\":[]}",
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Each body above with bytes deleted, replaced or inserted (JSON punctuation mostly):
+        /// valid and invalid bodies of every kind, on which both paths must agree.
+        #[test]
+        fn the_fast_path_agrees_with_serde_on_mutated_bodies(
+            which in 0..BODIES.len(),
+            edits in proptest::collection::vec(
+                (0usize..400, 0u8..3, proptest::sample::select(
+                    b"{}[]\":,\\ \n0123456789.eE+-tfnulrsx\x01\xff".to_vec(),
+                )),
+                1..4,
+            ),
+        ) {
+            let mut body = BODIES[which].as_bytes().to_vec();
+            for (at, op, byte) in edits {
+                let at = at % (body.len() + 1);
+                match op {
+                    0 if at < body.len() => { body.remove(at); }
+                    1 if at < body.len() => body[at] = byte,
+                    _ => body.insert(at, byte),
+                }
+            }
+            let fast = RequestMeta::parse_with("/v1/messages", &body, true);
+            let slow = RequestMeta::parse_with("/v1/messages", &body, false);
+            proptest::prop_assert_eq!(fast, slow, "{}", String::from_utf8_lossy(&body));
+        }
     }
 
     #[test]
