@@ -13,7 +13,11 @@
 //!   (`model`, the error).
 //! - **JSON**: an incremental tokenizer tracks nesting and strings and captures only the
 //!   top-level `usage`, `model`, `type` and `error` values; the rest (the content text) is
-//!   skipped without copying.
+//!   skipped without copying, and inside a nested value it stops only at quotes and
+//!   brackets. A captured value is read where it lies when it ends in the chunk it began
+//!   in (the usual case); only one that a chunk leaves unfinished is copied. The usage
+//!   object and plain strings are read by hand when they have the shape the API sends, and
+//!   by serde otherwise, with the same result either way.
 //!
 //! Memory is bounded whatever the input: a line or captured value longer than
 //! [`MAX_CAPTURE`] is skipped (and counted in [`UsageReport::oversized`]). The scanner never
@@ -705,6 +709,27 @@ enum Capture {
     Scalar,
 }
 
+/// Where, in the chunk being read, the captured value and the key being read begin (0 for
+/// one that began in an earlier chunk).
+#[derive(Default)]
+struct Marks {
+    cap: usize,
+    key: usize,
+}
+
+/// The most bytes kept of a key that a chunk leaves unfinished: a longer key is none of ours
+/// (`usage`, `model`, `type`, `error`).
+const KEY_MAX: usize = 16;
+
+/// The JSON side of [`UsageScanner`]: a tokenizer that tracks nesting, strings and the keys
+/// of the top-level object, and reads the values of the keys it wants.
+///
+/// A captured value's bytes are always one contiguous run of the body (from its first byte to
+/// its last), so they are never copied byte by byte: a value that begins and ends in one
+/// chunk (the usual case) is read in place when it ends, and only a value a chunk leaves
+/// unfinished is copied, once per chunk, into `buf`. Values are read when their capture ends
+/// (the last complete one of each key wins, as a JSON object's last duplicate key does), so
+/// a snapshot has nothing left to parse.
 #[derive(Debug, Clone, Default)]
 struct JsonState {
     depth: u32,
@@ -716,110 +741,131 @@ struct JsonState {
     // key tracking at depth 1
     expect_key: bool,
     reading_key: bool,
-    key: Vec<u8>,
+    key: [u8; KEY_MAX],
+    key_len: usize,
     key_too_long: bool,
     pending: Option<Field>,
     value_next: bool,
     // capture of one top-level value
     capture: Option<(Field, Capture)>,
+    /// The start of the value being captured, when it began in an earlier chunk.
     buf: Vec<u8>,
     buf_overflow: bool,
-    usage: Option<Vec<u8>>,
-    model: Option<Vec<u8>>,
-    kind: Option<Vec<u8>>,
+    /// The last `usage` read (`None` when it was not a usage object).
+    usage: Option<Usage>,
+    /// The last `model` read (`None` when it was not a string).
+    model: Option<String>,
+    /// Whether the last `type` read was `"error"`.
+    is_error: bool,
+    /// The last `error` value (only read if the body turns out to be an error envelope).
     error: Option<Vec<u8>>,
     oversized: u64,
 }
 
 impl JsonState {
-    fn feed(&mut self, mut data: &[u8]) {
-        while !data.is_empty() && !self.broken {
+    fn feed(&mut self, data: &[u8]) {
+        let mut i = 0;
+        let mut marks = Marks::default();
+        while i < data.len() && !self.broken {
             if self.in_string {
                 if self.escape {
                     self.escape = false;
-                    self.push(&data[..1]);
-                    self.key_too_long |= self.reading_key;
-                    data = &data[1..];
+                    i += 1;
                     continue;
                 }
-                match memchr2(b'"', b'\\', data) {
-                    None => {
-                        self.push(data);
-                        self.key_bytes(data);
-                        return;
-                    }
-                    Some(i) => {
-                        self.push(&data[..=i]);
-                        self.key_bytes(&data[..i]);
-                        if data[i] == b'\\' {
+                match string_stop(&data[i..]) {
+                    None => i = data.len(),
+                    Some(k) => {
+                        i += k + 1;
+                        if data[i - 1] == b'\\' {
                             self.escape = true;
+                            // An escaped key is none of ours.
+                            self.key_too_long |= self.reading_key;
                         } else {
                             self.in_string = false;
-                            self.string_end();
+                            self.string_end(&data[marks.key..i - 1], &data[marks.cap..i]);
                         }
-                        data = &data[i + 1..];
                     }
                 }
                 continue;
             }
-            let b = data[0];
-            data = &data[1..];
-            self.structural(b);
+            if self.depth >= 2 {
+                // Inside a nested value only strings and brackets change anything (a value
+                // being captured is kept whole, whatever its bytes).
+                let Some(k) = data[i..]
+                    .iter()
+                    .position(|&b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']'))
+                else {
+                    i = data.len();
+                    continue;
+                };
+                i += k;
+            }
+            i = self.structural(data, i, &mut marks);
+        }
+        if self.in_string && self.reading_key {
+            self.key_bytes(&data[marks.key..i]);
+        }
+        if self.capture.is_some() {
+            self.spill(&data[marks.cap..i]);
         }
     }
 
-    fn structural(&mut self, b: u8) {
+    /// The byte at `at` of `data`, outside strings; returns where to go on. `marks` is where
+    /// a capture or key begins.
+    fn structural(&mut self, data: &[u8], at: usize, marks: &mut Marks) -> usize {
+        let b = data[at];
         if self.complete {
             if !b.is_ascii_whitespace() {
                 self.broken = true;
             }
-            return;
+            return at + 1;
         }
         match b {
             b' ' | b'\t' | b'\n' | b'\r' => {
-                if self.capture.is_some_and(|(_, c)| c == Capture::Scalar) && self.depth == 1 {
-                    self.finish_capture();
-                } else {
-                    self.push(&[b]);
+                if self.depth == 1 && self.capturing(Capture::Scalar) {
+                    self.finish_capture(&data[marks.cap..at]);
                 }
             }
             b'"' => {
                 if self.depth == 1 && self.expect_key {
                     self.reading_key = true;
-                    self.key.clear();
+                    self.key_len = 0;
                     self.key_too_long = false;
+                    marks.key = at + 1;
                 } else if self.value_next {
                     self.start_capture(Capture::Str);
+                    marks.cap = at;
                 }
                 self.in_string = true;
-                self.push(&[b]);
             }
             b'{' | b'[' => {
                 if self.value_next {
                     self.start_capture(Capture::Nested);
+                    marks.cap = at;
+                    if b == b'{'
+                        && self.capture == Some((Field::Usage, Capture::Nested))
+                        && let Some(end) = self.usage_in_place(&data[at..])
+                    {
+                        return at + end;
+                    }
                 }
-                self.push(&[b]);
                 self.depth += 1;
                 self.started = true;
+                // A top-level array is not a Messages answer; keep tokenizing.
                 self.expect_key = self.depth == 1 && b == b'{';
-                if self.depth == 1 && b == b'[' {
-                    // A top-level array is not a Messages answer; keep tokenizing.
-                    self.expect_key = false;
-                }
             }
             b'}' | b']' => {
-                if self.capture.is_some_and(|(_, c)| c == Capture::Scalar) && self.depth == 1 {
-                    self.finish_capture();
-                } else {
-                    self.push(&[b]);
+                if self.depth == 1 && self.capturing(Capture::Scalar) {
+                    self.finish_capture(&data[marks.cap..at]);
                 }
                 if self.depth == 0 {
                     self.broken = true;
-                    return;
+                    return at + 1;
                 }
                 self.depth -= 1;
-                if self.depth == 1 && self.capture.is_some_and(|(_, c)| c == Capture::Nested) {
-                    self.finish_capture();
+                if self.depth == 1 && self.capturing(Capture::Nested) {
+                    self.finish_capture(&data[marks.cap..=at]);
                 }
                 if self.depth == 0 {
                     self.complete = true;
@@ -828,54 +874,85 @@ impl JsonState {
             b':' => {
                 if self.depth == 1 && !self.expect_key && self.capture.is_none() {
                     self.value_next = true;
-                } else {
-                    self.push(&[b]);
                 }
             }
             b',' => {
                 if self.depth == 1 {
-                    if self.capture.is_some_and(|(_, c)| c == Capture::Scalar) {
-                        self.finish_capture();
+                    if self.capturing(Capture::Scalar) {
+                        self.finish_capture(&data[marks.cap..at]);
                     }
                     self.expect_key = true;
                     self.pending = None;
                     self.value_next = false;
-                } else {
-                    self.push(&[b]);
                 }
             }
             _ => {
                 if !self.started {
                     // Not JSON at all (e.g. an HTML error page): stop looking.
                     self.broken = true;
-                    return;
+                    return at + 1;
                 }
                 if self.value_next {
                     self.start_capture(Capture::Scalar);
+                    marks.cap = at;
                 }
-                self.push(&[b]);
             }
         }
+        at + 1
     }
 
+    /// A `usage` object starting at `value[0]` read where it lies, without tokenizing it:
+    /// its length when it has the shape the API sends and ends in this chunk (otherwise the
+    /// tokenizer goes on as for any value). The state is then what tokenizing it would have
+    /// left: `read_prefix` only accepts a well-formed object, which the tokenizer would have
+    /// captured whole (back to depth 1, outside strings, no key pending) and read with the
+    /// same result.
+    fn usage_in_place(&mut self, value: &[u8]) -> Option<usize> {
+        let (w, len) = WireUsage::read_prefix(value)?;
+        if len > MAX_CAPTURE {
+            return None;
+        }
+        self.capture = None;
+        self.usage = Some(usage_of(&w));
+        Some(len)
+    }
+
+    fn capturing(&self, how: Capture) -> bool {
+        self.capture.is_some_and(|(_, c)| c == how)
+    }
+
+    /// Keeps the start of a key that a chunk leaves unfinished.
     fn key_bytes(&mut self, bytes: &[u8]) {
-        if self.reading_key && !self.key_too_long {
-            if self.key.len() + bytes.len() > 16 {
-                self.key_too_long = true;
-            } else {
-                self.key.extend_from_slice(bytes);
+        if !self.key_too_long {
+            match self.key.get_mut(self.key_len..self.key_len + bytes.len()) {
+                Some(dst) => {
+                    dst.copy_from_slice(bytes);
+                    self.key_len += bytes.len();
+                }
+                None => self.key_too_long = true,
             }
         }
     }
 
-    fn string_end(&mut self) {
+    /// The end of a string: `key` is the end of the key being read (when reading one),
+    /// `value` the captured value up to here (when capturing).
+    fn string_end(&mut self, key: &[u8], value: &[u8]) {
         if self.reading_key {
             self.reading_key = false;
             self.expect_key = false;
+            if self.key_len > 0 {
+                // The key began in an earlier chunk.
+                self.key_bytes(key);
+            }
+            let key = if self.key_len > 0 {
+                &self.key[..self.key_len]
+            } else {
+                key
+            };
             self.pending = if self.key_too_long {
                 None
             } else {
-                match self.key.as_slice() {
+                match key {
                     b"usage" => Some(Field::Usage),
                     b"model" => Some(Field::Model),
                     b"type" => Some(Field::Type),
@@ -883,8 +960,8 @@ impl JsonState {
                     _ => None,
                 }
             };
-        } else if self.depth == 1 && self.capture.is_some_and(|(_, c)| c == Capture::Str) {
-            self.finish_capture();
+        } else if self.depth == 1 && self.capturing(Capture::Str) {
+            self.finish_capture(value);
         }
     }
 
@@ -892,72 +969,97 @@ impl JsonState {
         self.value_next = false;
         if let Some(field) = self.pending.take() {
             self.capture = Some((field, how));
-            // Room for the usual size of each value at once (the buffer was handed over by
-            // the previous capture), rather than doubling up from a few bytes.
-            let room = match field {
-                Field::Usage | Field::Error => 512,
-                Field::Model => 64,
-                Field::Type => 16,
-            };
             self.buf.clear();
-            self.buf.reserve(room);
             self.buf_overflow = false;
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
-        if self.capture.is_some() && !self.buf_overflow {
-            if self.buf.len() + bytes.len() > MAX_CAPTURE {
-                self.buf_overflow = true;
-                self.buf = Vec::new();
-                self.oversized += 1;
-            } else {
-                self.buf.extend_from_slice(bytes);
+    /// Keeps the part of the captured value that a chunk leaves unfinished.
+    fn spill(&mut self, bytes: &[u8]) {
+        let Some((field, _)) = self.capture else {
+            return;
+        };
+        if self.buf_overflow {
+            return;
+        }
+        if self.buf.len() + bytes.len() > MAX_CAPTURE {
+            self.buf_overflow = true;
+            self.buf = Vec::new();
+            self.oversized += 1;
+        } else {
+            if self.buf.is_empty() {
+                // Room for the usual size of each value at once, rather than doubling up
+                // from a few bytes.
+                self.buf.reserve(match field {
+                    Field::Usage | Field::Error => 512,
+                    Field::Model => 64,
+                    Field::Type => 16,
+                });
             }
+            self.buf.extend_from_slice(bytes);
         }
     }
 
-    fn finish_capture(&mut self) {
-        if let Some((field, _)) = self.capture.take() {
-            if self.buf_overflow {
-                return;
+    /// The capture ends with `last`, its bytes in the current chunk.
+    fn finish_capture(&mut self, last: &[u8]) {
+        let Some((field, _)) = self.capture else {
+            return;
+        };
+        // A value begun in an earlier chunk left at least its first byte in `buf` (or
+        // overflowed), so an empty `buf` means that the whole value lies in this chunk: it
+        // is read in place.
+        if self.buf.is_empty() && !self.buf_overflow {
+            self.capture = None;
+            if last.len() > MAX_CAPTURE {
+                self.oversized += 1;
+            } else {
+                self.read(field, last);
             }
-            let v = std::mem::take(&mut self.buf);
-            match field {
-                Field::Usage => self.usage = Some(v),
-                Field::Model => self.model = Some(v),
-                Field::Type => self.kind = Some(v),
-                Field::Error => self.error = Some(v),
+            return;
+        }
+        self.spill(last);
+        self.capture = None;
+        if !self.buf_overflow {
+            let buf = std::mem::take(&mut self.buf);
+            self.read(field, &buf);
+            self.buf = buf;
+            self.buf.clear();
+        }
+    }
+
+    /// Reads a captured value (as the last one of its key).
+    fn read(&mut self, field: Field, value: &[u8]) {
+        match field {
+            Field::Usage => {
+                self.usage = WireUsage::from_json(value).as_ref().map(usage_of);
             }
+            Field::Model => {
+                self.model = match plain_json_str(value) {
+                    Some(s) => Some(s.to_owned()),
+                    None => serde_json::from_slice::<String>(value).ok(),
+                };
+            }
+            Field::Type => {
+                self.is_error = match plain_json_str(value) {
+                    Some(s) => s == "error",
+                    None => serde_json::from_slice::<String>(value).is_ok_and(|k| k == "error"),
+                };
+            }
+            Field::Error => self.error = Some(value.to_vec()),
         }
     }
 
     fn fill(&self, r: &mut UsageReport) {
         r.completed = self.complete && !self.broken;
         r.oversized += self.oversized;
-        if let Some(w) = self
-            .usage
-            .as_deref()
-            .and_then(|u| serde_json::from_slice::<WireUsage>(u).ok())
-        {
-            let mut m = UsageMerge::default();
-            m.apply(&w);
-            r.usage = m.usage();
+        if let Some(u) = self.usage {
+            r.usage = u;
             r.saw_usage = true;
         }
-        if let Some(m) = self
-            .model
-            .as_deref()
-            .and_then(|m| serde_json::from_slice::<String>(m).ok())
-        {
-            r.model = Some(m);
+        if let Some(m) = &self.model {
+            r.model = Some(m.clone());
         }
-        let is_error = self
-            .kind
-            .as_deref()
-            .and_then(|k| serde_json::from_slice::<String>(k).ok())
-            .is_some_and(|k| k == "error");
-        if is_error && r.error.is_none() {
+        if self.is_error && r.error.is_none() {
             let e = self
                 .error
                 .as_deref()
@@ -965,6 +1067,62 @@ impl JsonState {
                 .unwrap_or_default();
             r.error = Some(e.into_api_error());
         }
+    }
+}
+
+/// The usage one usage object reports.
+fn usage_of(w: &WireUsage) -> Usage {
+    let mut m = UsageMerge::default();
+    m.apply(w);
+    m.usage()
+}
+
+/// Where a string's content stops: its closing quote or a backslash. The first 32 bytes
+/// (keys, ids and short values end there) are looked through eight at a time, faster than
+/// memchr's set-up; the rest of a longer string (the content text) with memchr.
+fn string_stop(s: &[u8]) -> Option<usize> {
+    let head = s.len().min(32);
+    match string_stop_swar(&s[..head], false) {
+        Some(k) => Some(k),
+        None => memchr2(b'"', b'\\', &s[head..]).map(|k| k + head),
+    }
+}
+
+/// The first `"` or `\` of `s` (with `strict`, also the first control or non-ASCII byte),
+/// read eight bytes at a time.
+pub(crate) fn string_stop_swar(s: &[u8], strict: bool) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    // The high bit of each byte below `n` (`n <= 0x80`). Exact for the lowest flagged byte,
+    // which is all that is read: a false flag can only follow a true one (a borrow).
+    let below = |w: u64, n: u8| w.wrapping_sub(LO * u64::from(n)) & !w & HI;
+    let equal = |w: u64, b: u8| below(w ^ (LO * u64::from(b)), 1);
+    let (words, tail) = s.as_chunks::<8>();
+    for (n, w) in words.iter().enumerate() {
+        let w = u64::from_le_bytes(*w);
+        let mut m = equal(w, b'"') | equal(w, b'\\');
+        if strict {
+            m |= below(w, 0x20) | (w & HI);
+        }
+        if m != 0 {
+            return Some(n * 8 + (m.trailing_zeros() / 8) as usize);
+        }
+    }
+    let at = words.len() * 8;
+    tail.iter()
+        .position(|&b| b == b'"' || b == b'\\' || (strict && !(0x20..0x80).contains(&b)))
+        .map(|k| at + k)
+}
+
+/// The text of a JSON string without escapes, as `serde_json::from_slice::<String>` would read
+/// it; `None` when serde has to tell (an escape, a control byte, invalid UTF-8, not a
+/// string).
+fn plain_json_str(value: &[u8]) -> Option<&str> {
+    match value {
+        [b'"', inner @ .., b'"'] if !inner.iter().any(|&b| matches!(b, b'"' | b'\\' | 0..0x20)) => {
+            std::str::from_utf8(inner).ok()
+        }
+        _ => None,
     }
 }
 
@@ -1231,6 +1389,340 @@ data: {\"type\": \"message_stop\"}\n\n";
     fn json_not_json() {
         let r = scan_all(BodyFormat::Json, b"<html>502 Bad Gateway</html>");
         assert!(!r.completed && !r.saw_usage);
+    }
+
+    /// The reference the JSON scanner is checked against: serde_json reads the whole body (a
+    /// JSON object) as its top-level keys and the raw text of their values; the report of
+    /// the first `cut` bytes keeps the values that end within them (a number, `true`,
+    /// `false` or `null` only once the byte after it is there, as the scanner needs that byte
+    /// to know it ended), the last of each key winning. Keys are compared as written (an
+    /// escaped `usage` key is not the scanner's), values read with serde.
+    fn reference(body: &[u8], cut: usize) -> UsageReport {
+        use serde::de::{Deserializer, MapAccess, Visitor};
+        use serde_json::value::RawValue;
+
+        enum Key<'a> {
+            Plain(&'a str),
+            Escaped,
+        }
+        impl<'de> Deserialize<'de> for Key<'de> {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = Key<'de>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a key")
+                    }
+                    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                        Ok(Key::Plain(v))
+                    }
+                    fn visit_str<E>(self, _: &str) -> Result<Key<'de>, E> {
+                        Ok(Key::Escaped)
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+        struct Entries<'a>(Vec<(Key<'a>, &'a RawValue)>);
+        impl<'de> Deserialize<'de> for Entries<'de> {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = Entries<'de>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("an object")
+                    }
+                    fn visit_map<A: MapAccess<'de>>(
+                        self,
+                        mut m: A,
+                    ) -> Result<Entries<'de>, A::Error> {
+                        let mut v = Vec::new();
+                        while let Some(k) = m.next_key::<Key<'de>>()? {
+                            v.push((k, m.next_value::<&RawValue>()?));
+                        }
+                        Ok(Entries(v))
+                    }
+                }
+                d.deserialize_map(V)
+            }
+        }
+
+        let entries = serde_json::from_slice::<Entries<'_>>(body)
+            .expect("reference bodies are JSON objects")
+            .0;
+        let mut r = UsageReport {
+            format: BodyFormat::Json,
+            body_bytes: cut as u64,
+            end: BodyEnd::Ended,
+            completed: cut >= body.trim_ascii_end().len(),
+            ..UsageReport::default()
+        };
+        let (mut usage, mut model, mut is_error, mut error) = (None, None, false, None);
+        for (key, raw) in entries {
+            let Key::Plain(key @ ("usage" | "model" | "type" | "error")) = key else {
+                continue;
+            };
+            let text = raw.get();
+            let start = text.as_ptr() as usize - body.as_ptr() as usize;
+            let end = start + text.len();
+            if start < cut && end.min(cut) - start > MAX_CAPTURE {
+                r.oversized += 1;
+                continue;
+            }
+            let ended = if text.starts_with(['"', '{', '[']) {
+                end <= cut
+            } else {
+                end < cut
+            };
+            if !ended {
+                continue;
+            }
+            match key {
+                "usage" => usage = Some(serde_json::from_str::<WireUsage>(text).ok()),
+                "model" => model = Some(serde_json::from_str::<String>(text).ok()),
+                "type" => {
+                    is_error = serde_json::from_str::<String>(text).is_ok_and(|t| t == "error");
+                }
+                _ => error = Some(text),
+            }
+        }
+        if let Some(Some(w)) = usage {
+            let mut m = UsageMerge::default();
+            m.apply(&w);
+            r.usage = m.usage();
+            r.saw_usage = true;
+        }
+        r.model = model.flatten();
+        if is_error {
+            let e = error.and_then(|e| serde_json::from_str::<WireError>(e).ok());
+            r.error = Some(e.unwrap_or_default().into_api_error());
+        }
+        r
+    }
+
+    fn scan_pieces(pieces: &[&[u8]]) -> UsageReport {
+        let mut s = UsageScanner::new(BodyFormat::Json);
+        for p in pieces {
+            s.feed(p);
+        }
+        s.finish(BodyEnd::Ended)
+    }
+
+    /// Bodies for the JSON differential test: the mock's answer and variations of what the
+    /// API may send, and of what it should not.
+    fn reference_bodies() -> Vec<String> {
+        const MOCK: &str = r#"{"id":"msg_mock_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":380,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":16,"service_tier":"standard"}}"#;
+        let with_usage = |usage: &str| {
+            format!(
+                r#"{{"id":"msg_1","type":"message","model":"m","content":[],"usage":{usage},"stop_reason":"end_turn"}}"#
+            )
+        };
+        let pretty = |s: &str| {
+            serde_json::to_string_pretty(
+                &serde_json::from_str::<serde_json::Value>(s).expect("JSON"),
+            )
+            .expect("JSON")
+        };
+        let mut bodies = vec![
+            MOCK.to_owned(),
+            pretty(MOCK),
+            JSON.to_owned(),
+            pretty(JSON),
+            format!("\r\n\t {}\n\n", MOCK.replace(':', " :\t").replace(',', "\r\n,  ")),
+            r#"{"type":"message","model":"claude-opus-4-5","usage":{"input_tokens":10,"cache_creation_input_tokens":5,"cache_read_input_tokens":7,"cache_creation":{"ephemeral_5m_input_tokens":2,"ephemeral_1h_input_tokens":3},"output_tokens":20,"server_tool_use":{"web_search_requests":4,"web_fetch_requests":1},"service_tier":"priority"}}"#.to_owned(),
+            // Nulls, escapes and non-ASCII where the scanner reads strings.
+            r#"{"model":null,"type":"message","usage":{"input_tokens":null,"output_tokens":5,"cache_creation":null,"server_tool_use":null,"service_tier":null},"stop_sequence":null}"#.to_owned(),
+            r#"{"model":"claude-\u0073onnet \"4\" \\ 5","type":"mess\u0061ge","usage":{"output_tokens":1}}"#.to_owned(),
+            r#"{"model":"clàude-ünïcode-✓","usage":{"output_tokens":1,"service_tier":"st\u0061ndard"}}"#.to_owned(),
+            r#"{"model":"","type":"","usage":{}}"#.to_owned(),
+            r#"{"model":5,"type":["error"],"usage":{"cache_creation":{},"server_tool_use":{}}}"#.to_owned(),
+            // Brackets and quotes inside strings, nested arrays, other keys that look like ours.
+            r#"{"content":[{"type":"text","text":"} ] { [ \" \\\" usage\":{\"input_tokens\":9} \\"},{"type":"tool_use","input":{"a":[1,[2,{"b":"}]"}]],"usage":{"input_tokens":99}}}],"usages":{"input_tokens":1},"mode":"x","a_very_long_key_name_usage":1,"usage":{"input_tokens":3,"output_tokens":4}}"#.to_owned(),
+            r#"{"usag\u0065":{"input_tokens":1},"\u0075sage":{"input_tokens":2},"usage":{"input_tokens":3},"mod\"el":"x"}"#.to_owned(),
+            // Duplicate keys: the last wins, valid or not.
+            r#"{"usage":{"input_tokens":1},"model":"a","usage":{"output_tokens":2},"model":"b"}"#.to_owned(),
+            r#"{"usage":{"input_tokens":1},"usage":"not usage"}"#.to_owned(),
+            r#"{"type":"error","type":"message","error":{"type":"x"}}"#.to_owned(),
+            // Error envelopes.
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_1"}"#.to_owned(),
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"a \"b\"\nc"}}"#.to_owned(),
+            r#"{"error":{"message":"no type"},"type":"\u0065rror"}"#.to_owned(),
+            r#"{"type":"error"}"#.to_owned(),
+            r#"{"type":"error","error":"not an object"}"#.to_owned(),
+            // Usage values the hand reader leaves to serde, and what serde rejects.
+            with_usage(r#"{"input_tokens":1,"server_tool_use":{"web_search_requests":3},"foo":[1,{"a":"}"}],"bar":{"x":null},"baz":-1.5e3,"s":"é\n","t":true,"f":false}"#),
+            with_usage(r#"{"input_tokens":1,"input_tokens":2}"#),
+            with_usage(r#"{"input_tokens":null,"input_tokens":2}"#),
+            with_usage(r#"{"cache_creation":{"ephemeral_5m_input_tokens":1,"ephemeral_5m_input_tokens":1}}"#),
+            with_usage(r#"{"output_tokens":-1}"#),
+            with_usage(r#"{"output_tokens":-0}"#),
+            with_usage(r#"{"output_tokens":1.0}"#),
+            with_usage(r#"{"output_tokens":1e2}"#),
+            with_usage(r#"{"output_tokens":18446744073709551615}"#),
+            with_usage(r#"{"output_tokens":18446744073709551616}"#),
+            with_usage(r#"{"output_tokens":99999999999999999999999}"#),
+            with_usage(r#"{"output_tokens":"5"}"#),
+            with_usage(r#"{"output_tokens":true}"#),
+            with_usage(r#"{"service_tier":"flex","inp\u0075t_tokens":8}"#),
+            with_usage(r#"{"service_tier":5}"#),
+            with_usage(r#"{"service_tier":{"batch":null}}"#),
+            with_usage(r#"{"cache_creation":[1,2]}"#),
+            with_usage(r#"[1,2,3,4,null,null,"batch"]"#),
+            with_usage("null"),
+            with_usage("12"),
+            with_usage(r#""usage""#),
+            with_usage(r#"{ "input_tokens" : 7 , "cache_creation" : { "ephemeral_1h_input_tokens" : 2 } }"#),
+        ];
+        // Values over MAX_CAPTURE are skipped and counted; the text around them is not.
+        let big = "x".repeat(MAX_CAPTURE);
+        bodies.push(format!(r#"{{"content":[{{"text":"{big}"}}],"usage":{{"output_tokens":1,"note":"{big}"}},"model":"{big}","type":"message"}}"#));
+        bodies.push(format!(
+            r#"{{"usage":{{"output_tokens":1}},"usage":{{"output_tokens":2,"note":"{big}"}}}}"#
+        ));
+        bodies
+    }
+
+    /// The JSON scanner gives the reference's report for every body: fed whole, cut at every
+    /// byte (a body that ended early), and split into two and three chunks anywhere.
+    #[test]
+    fn json_scanner_matches_the_serde_reference() {
+        for body in reference_bodies() {
+            let body = body.as_bytes();
+            let n = body.len();
+            let show = String::from_utf8_lossy(&body[..n.min(120)]);
+            let whole = reference(body, n);
+            assert_eq!(scan_all(BodyFormat::Json, body), whole, "{show}");
+            // The big bodies are checked at a stride (each scan reads 200 KB).
+            let step = if n > MAX_CAPTURE { 4093 } else { 1 };
+            for cut in (0..=n).step_by(step) {
+                assert_eq!(
+                    scan_pieces(&[&body[..cut]]),
+                    reference(body, cut),
+                    "cut at {cut}: {show}"
+                );
+                assert_eq!(
+                    scan_pieces(&[&body[..cut], &body[cut..]]),
+                    whole,
+                    "split at {cut}: {show}"
+                );
+            }
+            // Three chunks: every pair of cuts in small bodies, a spread of them otherwise.
+            let second = if n <= 200 {
+                1
+            } else if n > MAX_CAPTURE {
+                16381
+            } else {
+                7
+            };
+            for i in (0..=n).step_by(step) {
+                for j in (i..=n).step_by(second) {
+                    let r = scan_pieces(&[&body[..i], &body[i..j], &body[j..]]);
+                    assert_eq!(r, whole, "split at {i} and {j}: {show}");
+                }
+            }
+        }
+    }
+
+    /// What the scanner makes of bodies that are not a JSON object (no serde reference): the
+    /// same, whole or split.
+    #[test]
+    fn json_scanner_on_other_bodies() {
+        let cases: [(&str, bool, Option<u64>); 10] = [
+            ("<html>502</html>", false, None),
+            (r#"{"usage":{"input_tokens":1}} trailing"#, false, Some(1)),
+            (r#"{"usage":{"input_tokens":1}}}"#, false, Some(1)),
+            (r#"{"usage":{"input_tokens":1}"#, false, Some(1)),
+            (r#"{"usage":{"input_tokens":1"#, false, None),
+            (r#"{"usage":{"input_tokens":1},"model":"m"#, false, Some(1)),
+            (r#"[{"usage":{"input_tokens":1}}]"#, true, None),
+            (r#"["x","usage":{"input_tokens":2}]"#, true, Some(2)),
+            (r#"{"usage":{"input_tokens":01}}"#, true, None),
+            (r#"  ,{"usage" {"input_tokens":3}: "model"}"#, true, None),
+        ];
+        for (body, completed, input) in cases {
+            let whole = scan_all(BodyFormat::Json, body.as_bytes());
+            assert_eq!(
+                (
+                    whole.completed,
+                    whole.saw_usage.then_some(whole.usage.input_tokens)
+                ),
+                (completed, input),
+                "{body}"
+            );
+            let b = body.as_bytes();
+            for i in 0..=b.len() {
+                for j in i..=b.len() {
+                    assert_eq!(
+                        scan_pieces(&[&b[..i], &b[i..j], &b[j..]]),
+                        whole,
+                        "{body} split at {i} and {j}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Strings serde refuses (raw control bytes, invalid UTF-8) are not read, whole or split;
+    /// valid UTF-8 is read as it is.
+    #[test]
+    fn json_strings_serde_rejects_are_not_read() {
+        let cases: [(&[u8], Option<&str>, bool, bool); 6] = [
+            (
+                b"{\"model\":\"a\x01b\",\"type\":\"error\",\"usage\":{}}",
+                None,
+                true,
+                true,
+            ),
+            (
+                b"{\"model\":\"a\xffb\",\"type\":\"error\x1f\"}",
+                None,
+                false,
+                false,
+            ),
+            (
+                b"{\"model\":\"a\xc3b\",\"type\":\"err\xc3\"}",
+                None,
+                false,
+                false,
+            ),
+            (
+                b"{\"model\":\"a\x7fb\xc3\xa9\",\"type\":\"error\"}",
+                Some("a\u{7f}b\u{e9}"),
+                true,
+                false,
+            ),
+            (
+                b"{\"usage\":{\"input_tokens\":1,\"k\":\"\x01\"}}",
+                None,
+                false,
+                false,
+            ),
+            (
+                b"{\"usage\":{\"input_tokens\":1,\"k\":\"\xc3\xa9\x7f\"}}",
+                None,
+                false,
+                true,
+            ),
+        ];
+        for (body, model, error, usage) in cases {
+            let whole = scan_all(BodyFormat::Json, body);
+            assert_eq!(
+                (
+                    whole.model.as_deref(),
+                    whole.error.is_some(),
+                    whole.saw_usage
+                ),
+                (model, error, usage),
+                "{body:?}"
+            );
+            for i in 0..=body.len() {
+                assert_eq!(
+                    scan_pieces(&[&body[..i], &body[i..]]),
+                    whole,
+                    "{body:?} split at {i}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::scan::string_stop_swar;
+
 /// The split of cache writes by TTL (`usage.cache_creation`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CacheCreation {
@@ -130,6 +132,243 @@ pub(crate) struct WireServerToolUse {
     pub(crate) web_fetch_requests: Option<u64>,
 }
 
+impl WireUsage {
+    /// `serde_json::from_slice::<WireUsage>(json).ok()`, read by hand when the object has the
+    /// shape the API sends (a flat object of unsigned integers, `null`s, the two nested
+    /// objects of the same and a plain `service_tier` string): about a tenth of the
+    /// instructions of serde's derive. Anything else, including anything serde would reject
+    /// (duplicate fields, signs, fractions, numbers over `u64`, escapes, trailing commas),
+    /// is left to serde, so the result is serde's for every input.
+    pub(crate) fn from_json(json: &[u8]) -> Option<Self> {
+        let mut r = Reader { s: json, i: 0 };
+        match r.usage() {
+            Some(w) if r.at_end() => Some(w),
+            _ => serde_json::from_slice(json).ok(),
+        }
+    }
+
+    /// The usage object at the very start of `json` (its `{`), read by hand, and its length:
+    /// `Some` only when [`from_json`](Self::from_json) of those bytes is that object without
+    /// serde's help, and then the object is well formed (its strings have no escapes, its
+    /// only brackets are those of its two nested objects), so it ends at the `}` any
+    /// bracket-counting tokenizer would end it at.
+    pub(crate) fn read_prefix(json: &[u8]) -> Option<(Self, usize)> {
+        let mut r = Reader { s: json, i: 0 };
+        let w = r.usage()?;
+        Some((w, r.i))
+    }
+}
+
+/// The hand reader behind [`WireUsage::from_json`]. Each method returns `None` when it meets
+/// anything it does not handle, which sends the whole object to serde: it only ever answers
+/// for input where serde's answer is known to be the same. (So an optional field reads as
+/// `Option<Option<_>>`: `None` for "ask serde", `Some(None)` for `null`.)
+struct Reader<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+#[allow(clippy::option_option)]
+impl<'a> Reader<'a> {
+    fn usage(&mut self) -> Option<WireUsage> {
+        let mut w = WireUsage::default();
+        let mut seen = 0_u8;
+        self.object(|r, key| {
+            let bit = match key {
+                b"input_tokens" => 0,
+                b"output_tokens" => 1,
+                b"cache_creation_input_tokens" => 2,
+                b"cache_read_input_tokens" => 3,
+                b"cache_creation" => 4,
+                b"server_tool_use" => 5,
+                b"service_tier" => 6,
+                _ => return r.skip_plain(),
+            };
+            // serde's derive rejects a field given twice (even as `null`).
+            if seen & (1 << bit) != 0 {
+                return None;
+            }
+            seen |= 1 << bit;
+            match bit {
+                0 => w.input_tokens = r.opt_u64()?,
+                1 => w.output_tokens = r.opt_u64()?,
+                2 => w.cache_creation_input_tokens = r.opt_u64()?,
+                3 => w.cache_read_input_tokens = r.opt_u64()?,
+                4 => {
+                    w.cache_creation = r
+                        .opt_pair(b"ephemeral_5m_input_tokens", b"ephemeral_1h_input_tokens")?
+                        .map(|(a, b)| WireCacheCreation {
+                            ephemeral_5m_input_tokens: a,
+                            ephemeral_1h_input_tokens: b,
+                        });
+                }
+                5 => {
+                    w.server_tool_use = r
+                        .opt_pair(b"web_search_requests", b"web_fetch_requests")?
+                        .map(|(a, b)| WireServerToolUse {
+                            web_search_requests: a,
+                            web_fetch_requests: b,
+                        });
+                }
+                _ => w.service_tier = r.opt_tier()?,
+            }
+            Some(())
+        })?;
+        Some(w)
+    }
+
+    /// Whether only whitespace is left.
+    fn at_end(&mut self) -> bool {
+        self.ws();
+        self.i == self.s.len()
+    }
+
+    /// An object: `member` reads the value of each key (keys without escapes only).
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+        self.ws();
+        self.byte(b'{')?;
+        self.ws();
+        if self.s.get(self.i) == Some(&b'}') {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            self.ws();
+            let key = self.plain_str()?;
+            self.ws();
+            self.byte(b':')?;
+            self.ws();
+            member(self, key)?;
+            self.ws();
+            match self.s.get(self.i)? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// `null` or an object with (at most) the two given `Option<u64>` fields.
+    fn opt_pair(
+        &mut self,
+        first: &[u8],
+        second: &[u8],
+    ) -> Option<Option<(Option<u64>, Option<u64>)>> {
+        if self.null()? {
+            return Some(None);
+        }
+        let (mut a, mut b) = (None, None);
+        let mut seen = 0_u8;
+        self.object(|r, key| {
+            let bit = if key == first {
+                1
+            } else if key == second {
+                2
+            } else {
+                return r.skip_plain();
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            let v = r.opt_u64()?;
+            *(if bit == 1 { &mut a } else { &mut b }) = v;
+            Some(())
+        })?;
+        Some(Some((a, b)))
+    }
+
+    fn opt_u64(&mut self) -> Option<Option<u64>> {
+        if self.null()? {
+            return Some(None);
+        }
+        self.u64().map(Some)
+    }
+
+    fn opt_tier(&mut self) -> Option<Option<ServiceTier>> {
+        if self.null()? {
+            return Some(None);
+        }
+        Some(Some(match self.plain_str()? {
+            b"standard" => ServiceTier::Standard,
+            b"priority" => ServiceTier::Priority,
+            b"batch" => ServiceTier::Batch,
+            _ => ServiceTier::Other,
+        }))
+    }
+
+    /// The value of an unknown key, which serde skips: only `null`, `true`, `false`, an
+    /// unsigned integer or a plain string are read here.
+    fn skip_plain(&mut self) -> Option<()> {
+        match self.s.get(self.i)? {
+            b'n' => self.word(b"null"),
+            b't' => self.word(b"true"),
+            b'f' => self.word(b"false"),
+            b'"' => self.plain_str().map(drop),
+            _ => self.u64().map(drop),
+        }
+    }
+
+    /// Whether the value is `null` (then read). `None` for `n` not followed by `ull`.
+    fn null(&mut self) -> Option<bool> {
+        if self.s.get(self.i) == Some(&b'n') {
+            self.word(b"null")?;
+            return Some(true);
+        }
+        Some(false)
+    }
+
+    /// A JSON integer that fits in a `u64`: `0` or digits without a leading zero (what
+    /// follows is checked by the caller: a `.`, `e` or any other byte is not a separator).
+    fn u64(&mut self) -> Option<u64> {
+        let first = *self.s.get(self.i)?;
+        if !first.is_ascii_digit() {
+            return None;
+        }
+        self.i += 1;
+        let mut n = u64::from(first - b'0');
+        if n == 0 {
+            return Some(0);
+        }
+        while let Some(&d) = self.s.get(self.i)
+            && d.is_ascii_digit()
+        {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            self.i += 1;
+        }
+        Some(n)
+    }
+
+    /// A string of printable ASCII without escapes (what serde reads as the same bytes).
+    fn plain_str(&mut self) -> Option<&'a [u8]> {
+        self.byte(b'"')?;
+        let start = self.i;
+        let len = string_stop_swar(&self.s[start..], true)?;
+        self.i += len;
+        self.byte(b'"')?;
+        Some(&self.s[start..start + len])
+    }
+
+    fn word(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.i + word.len();
+        (self.s.get(self.i..end)? == word).then(|| self.i = end)
+    }
+
+    fn byte(&mut self, b: u8) -> Option<()> {
+        (*self.s.get(self.i)? == b).then(|| self.i += 1)
+    }
+
+    /// JSON whitespace (serde's set: no form feed).
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.s.get(self.i) {
+            self.i += 1;
+        }
+    }
+}
+
 /// Field-by-field accumulator: `message_start` sets the base, each `message_delta` replaces
 /// the fields it carries (its counts are cumulative, never summed).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -198,6 +437,117 @@ impl UsageMerge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `from_json` is `serde_json::from_slice` for every input: usage objects as the API
+    /// sends them and what it should not, then every one-byte edit of some of them (an edit
+    /// that keeps the hand reader going must agree with serde; most send it to serde).
+    #[test]
+    fn from_json_is_serde() {
+        let same = |json: &[u8]| {
+            let serde = serde_json::from_slice::<WireUsage>(json).ok();
+            assert_eq!(
+                format!("{:?}", WireUsage::from_json(json)),
+                format!("{serde:?}"),
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+            // An object read in place is the one serde reads from those bytes alone.
+            if let Some((w, n)) = WireUsage::read_prefix(json) {
+                let serde = serde_json::from_slice::<WireUsage>(&json[..n]).ok();
+                assert_eq!(format!("{:?}", Some(w)), format!("{serde:?}"));
+                assert_eq!(json[n - 1], b'}');
+            }
+        };
+        let read_by_hand = [
+            r#"{"input_tokens":380,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":16,"service_tier":"standard"}"#,
+            r#"{"input_tokens":12,"output_tokens":34,"server_tool_use":{"web_search_requests":2,"web_fetch_requests":1},"service_tier":"batch","unknown":null,"u2":true,"u3":false,"u4":"x","u5":7}"#,
+            "{\n  \"input_tokens\" : null ,\r\n\t\"output_tokens\": 18446744073709551615, \"cache_creation\": null, \"server_tool_use\": {}, \"service_tier\": \"priority\"\n}\n",
+            r#"{"service_tier":"flex","cache_creation":{"ephemeral_1h_input_tokens":5,"x":0}}"#,
+            r#"{"service_tier":null,"service":"standard"}"#,
+            "{}",
+            " {} ",
+        ];
+        for json in read_by_hand {
+            let mut r = Reader {
+                s: json.as_bytes(),
+                i: 0,
+            };
+            assert!(r.usage().is_some() && r.at_end(), "{json}");
+            same(json.as_bytes());
+        }
+        for json in [
+            r#"{"input_tokens":1,"input_tokens":2}"#,
+            r#"{"output_tokens":null,"output_tokens":2}"#,
+            r#"{"cache_creation":{"ephemeral_5m_input_tokens":1},"cache_creation":null}"#,
+            r#"{"server_tool_use":{"web_fetch_requests":1,"web_fetch_requests":1}}"#,
+            r#"{"service_tier":"batch","service_tier":"batch"}"#,
+            r#"{"u":1,"u":2,"output_tokens":3}"#,
+            r#"{"output_tokens":-1}"#,
+            r#"{"output_tokens":-0}"#,
+            r#"{"output_tokens":0}"#,
+            r#"{"output_tokens":00}"#,
+            r#"{"output_tokens":01}"#,
+            r#"{"output_tokens":1.0}"#,
+            r#"{"output_tokens":1e3}"#,
+            r#"{"output_tokens":1E3}"#,
+            r#"{"output_tokens":18446744073709551616}"#,
+            r#"{"output_tokens":184467440737095516150}"#,
+            r#"{"output_tokens":"1"}"#,
+            r#"{"output_tokens":nul}"#,
+            r#"{"output_tokens":nulll}"#,
+            r#"{"output_tokens":1,}"#,
+            r#"{,"output_tokens":1}"#,
+            r#"{"output_tokens":1}}"#,
+            r#"{"output_tokens":1} x"#,
+            r#"{"output_tokens":1]"#,
+            r#"{"output_tokens" 1}"#,
+            r#"{"output_tokens":1 "input_tokens":2}"#,
+            r#"{"output_tokens":1"#,
+            r#"{"outp\u0075t_tokens":1}"#,
+            r#"{"service_tier":"b\u0061tch"}"#,
+            r#"{"service_tier":"batch\n"}"#,
+            r#"{"service_tier":"ĉ"}"#,
+            r#"{"service_tier":{"batch":null}}"#,
+            r#"{"service_tier":1}"#,
+            r#"{"cache_creation":[1,2]}"#,
+            r#"{"cache_creation":true}"#,
+            r#"[1,2,3,4,null,null,"batch"]"#,
+            "[1]",
+            r#"{"x":[1,{"a":"}"}],"y":{"z":-1.5e-3},"output_tokens":2}"#,
+            r#"{"x":"é","output_tokens":2}"#,
+            r#"{"x":"\"","output_tokens":2}"#,
+            "{\"x\":\"\x01\",\"output_tokens\":2}",
+            "{\"x\":\"\x7f\",\"output_tokens\":2}",
+            "{\u{c}\"output_tokens\":2}",
+            "null",
+            "1",
+            "\"usage\"",
+            "",
+            "{",
+        ] {
+            same(json.as_bytes());
+        }
+        let edits = b"{}[]\",:0123456789-.eEnul \t\n\\xa\x01\xc3";
+        for base in &read_by_hand[..4] {
+            let base = base.as_bytes();
+            for at in 0..=base.len() {
+                let mut v = base.to_vec();
+                if at < base.len() {
+                    v.remove(at);
+                    same(&v);
+                }
+                for &b in edits {
+                    let mut v = base.to_vec();
+                    v.insert(at, b);
+                    same(&v);
+                    if at < base.len() {
+                        v.remove(at + 1);
+                        same(&v);
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn write_split_defaults_to_5m() {
