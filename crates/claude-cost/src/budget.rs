@@ -469,7 +469,7 @@ pub(crate) struct Budgets {
     config: BudgetConfig,
     thresholds: Vec<u32>,
     global: Pair,
-    tenants: HashMap<Tenant, Pair>,
+    tenants: HashMap<Tenant, Pair, foldhash::fast::RandomState>,
 }
 
 /// A refusal: the error message and the alert it may fire.
@@ -530,7 +530,7 @@ impl Budgets {
             config,
             thresholds,
             global,
-            tenants: HashMap::new(),
+            tenants: HashMap::default(),
         }
     }
 

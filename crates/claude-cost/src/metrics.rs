@@ -21,6 +21,8 @@
 //! Tenants are not a label of the budget metrics: refusals can be driven by clients.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use claude_core::Tenant;
@@ -225,7 +227,7 @@ pub(crate) struct MetricHandles {
 #[derive(Default)]
 struct HandleSets {
     recorder: usize,
-    by_pair: HashMap<(Arc<str>, Tenant), Arc<Handles>>,
+    by_pair: HashMap<(Arc<str>, Tenant), Arc<Handles>, RandomState>,
 }
 
 impl MetricHandles {

@@ -39,6 +39,8 @@
 //! batch discount for tokens only.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -267,7 +269,7 @@ pub struct CostBreakdown {
 pub struct PriceTable {
     version: Option<Arc<str>>,
     models: Vec<Arc<ModelPrice>>,
-    index: HashMap<Arc<str>, usize>,
+    index: HashMap<Arc<str>, usize, RandomState>,
 }
 
 impl PriceTable {

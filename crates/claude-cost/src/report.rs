@@ -2,6 +2,8 @@
 //! JSON through serde, a table for people through `Display`.
 
 use std::collections::{BTreeMap, HashMap};
+
+use foldhash::fast::RandomState;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -121,10 +123,10 @@ impl CostReport {
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
     total: Totals,
-    by_model: HashMap<Arc<str>, Totals>,
-    by_tenant: HashMap<Tenant, Totals>,
+    by_model: HashMap<Arc<str>, Totals, RandomState>,
+    by_tenant: HashMap<Tenant, Totals, RandomState>,
     by_day: BTreeMap<Day, Totals>,
-    by_tag: HashMap<(Arc<str>, Arc<str>), Totals>,
+    by_tag: HashMap<(Arc<str>, Arc<str>), Totals, RandomState>,
 }
 
 impl Ledger {

@@ -486,7 +486,7 @@ pub(crate) struct Demand {
 }
 
 /// One shard of the key map.
-type Shard = Mutex<HashMap<Key, Arc<KeyState>>>;
+type Shard = Mutex<HashMap<Key, Arc<KeyState>, foldhash::fast::RandomState>>;
 
 /// The state shared by every clone of a layer and its services.
 pub(crate) struct Limiter {
@@ -533,7 +533,9 @@ impl Limiter {
     pub(crate) fn new(config: RateLimitConfig) -> Self {
         Self {
             settings: Settings::new(config),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
             hasher: RandomState::new(),
             calls: AtomicU64::new(0),
             family_labels: Mutex::new(HashSet::new()),
