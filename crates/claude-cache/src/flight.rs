@@ -39,7 +39,20 @@ pub(crate) enum Flight {
     Stored(Arc<Entry>),
 }
 
-type Shard = Mutex<HashMap<CacheKey, (u64, watch::Receiver<Flight>)>>;
+type Shard = Mutex<ShardMap>;
+
+/// One shard of the in-flight map.
+#[derive(Debug, Default)]
+pub(crate) struct ShardMap {
+    flights: HashMap<CacheKey, (u64, watch::Receiver<Flight>)>,
+    /// Entries stored in the cache under this shard's keys so far (see [`Flights::stored`]).
+    stored: u64,
+}
+
+/// What [`Flights::completed`] saw: the shard's count of stored entries, to be handed to
+/// [`Flights::join`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seen(u64);
 
 const SHARDS: usize = 64;
 
@@ -62,53 +75,80 @@ impl Default for Flights {
 /// What a miss does on a key.
 #[derive(Debug)]
 pub(crate) enum Role {
-    /// Go upstream; release or feed the followers through the guard.
-    Leader(FlightGuard),
+    /// Go upstream; release or feed the followers through the guard. The flag says whether
+    /// an entry was stored under a key of this shard since the [`Seen`] given to `join`
+    /// (when not, a cache read made after that `Seen` is still up to date for this key).
+    Leader(FlightGuard, bool),
     /// Wait for the leader.
     Follower(watch::Receiver<Flight>),
 }
 
 impl Flights {
     /// Joins the flight on `key`, or starts one.
-    fn shard(
-        &self,
-        key: &CacheKey,
-    ) -> std::sync::MutexGuard<'_, HashMap<CacheKey, (u64, watch::Receiver<Flight>)>> {
+    fn shard(&self, key: &CacheKey) -> std::sync::MutexGuard<'_, ShardMap> {
         // Keys are uniform hashes: any byte spreads them.
         self.shards[usize::from(key.as_bytes()[0]) % SHARDS]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The flight on `key`, if its answer has completed (it is being stored, or stored).
-    pub(crate) fn completed(&self, key: &CacheKey) -> Option<watch::Receiver<Flight>> {
-        let map = self.shard(key);
-        let (_, rx) = map.get(key)?;
-        let done = !matches!(*rx.borrow(), Flight::Pending);
-        done.then(|| rx.clone())
+    /// The flight on `key`, if its answer has completed (it is being stored, or stored), and
+    /// the shard's count of stored entries as of now.
+    pub(crate) fn completed(&self, key: &CacheKey) -> (Option<watch::Receiver<Flight>>, Seen) {
+        let shard = self.shard(key);
+        let seen = Seen(shard.stored);
+        let rx = shard
+            .flights
+            .get(key)
+            .filter(|(_, rx)| !matches!(*rx.borrow(), Flight::Pending))
+            .map(|(_, rx)| rx.clone());
+        (rx, seen)
     }
 
-    pub(crate) fn join(self: &Arc<Self>, key: CacheKey) -> Role {
-        let mut map = self.shard(&key);
-        if let Some((_, rx)) = map.get(&key) {
+    /// Joins the flight on `key`, or starts one. `seen` is what an earlier
+    /// [`completed`](Self::completed) saw (a leader learns whether an entry was stored
+    /// since).
+    pub(crate) fn join(self: &Arc<Self>, key: CacheKey, seen: Seen) -> Role {
+        let mut shard = self.shard(&key);
+        if let Some((_, rx)) = shard.flights.get(&key) {
             return Role::Follower(rx.clone());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(Flight::Pending);
-        map.insert(key, (id, rx));
-        Role::Leader(FlightGuard {
-            flights: self.clone(),
-            key,
-            id,
-            tx,
-        })
+        shard.flights.insert(key, (id, rx));
+        let stored_since = shard.stored != seen.0;
+        Role::Leader(
+            FlightGuard {
+                flights: self.clone(),
+                key,
+                id,
+                tx,
+            },
+            stored_since,
+        )
+    }
+
+    /// Counts an entry stored in the cache under `key`; called once the cache holds it.
+    ///
+    /// So a request that missed the cache and then leads a flight re-reads the cache only
+    /// when something was stored under its shard in between. Every store counts, after it
+    /// lands, and a leader stores before its flight leaves the map: so an entry for the key
+    /// that landed after that request's cache read either shows in the count at its `join`,
+    /// or came from a flight still in the map then (and the request follows it).
+    pub(crate) fn stored(&self, key: &CacheKey) {
+        self.shard(key).stored += 1;
     }
 
     /// The number of flights in progress.
     pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .flights
+                    .len()
+            })
             .sum()
     }
 }
@@ -153,9 +193,13 @@ impl FlightGuard {
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        let mut map = self.flights.shard(&self.key);
-        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
-            map.remove(&self.key);
+        let mut shard = self.flights.shard(&self.key);
+        if shard
+            .flights
+            .get(&self.key)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            shard.flights.remove(&self.key);
         }
         // `self.tx` drops after this: the channel closes and pending followers are released.
     }
@@ -194,59 +238,94 @@ mod tests {
     #[tokio::test]
     async fn followers_get_the_published_entry() {
         let f = Arc::new(Flights::default());
-        let Role::Leader(guard) = f.join(key(1)) else {
+        let Role::Leader(guard, _) = f.join(key(1), Seen(0)) else {
             panic!("first is leader")
         };
-        let Role::Follower(rx) = f.join(key(1)) else {
+        let Role::Follower(rx) = f.join(key(1), Seen(0)) else {
             panic!("second follows")
         };
-        assert!(matches!(f.join(key(2)), Role::Leader(_)), "other keys lead");
+        assert!(
+            matches!(f.join(key(2), Seen(0)), Role::Leader(..)),
+            "other keys lead"
+        );
         let waiter = tokio::spawn(follow(rx));
         let e = entry();
-        assert!(f.completed(&key(1)).is_none(), "pending is not completed");
+        assert!(f.completed(&key(1)).0.is_none(), "pending is not completed");
         guard.storing();
-        let storing = f.completed(&key(1)).unwrap();
+        let storing = f.completed(&key(1)).0.unwrap();
         guard.publish(e.clone());
         assert!(Arc::ptr_eq(&follow(storing).await.unwrap(), &e));
         // Joining after publication still gets the entry.
-        let Role::Follower(late) = f.join(key(1)) else {
+        let Role::Follower(late) = f.join(key(1), Seen(0)) else {
             panic!("still in flight until the guard drops")
         };
         drop(guard);
         assert!(Arc::ptr_eq(&waiter.await.unwrap().unwrap(), &e));
         assert!(Arc::ptr_eq(&follow(late).await.unwrap(), &e));
         assert_eq!(f.len(), 0);
-        assert!(f.completed(&key(1)).is_none());
+        assert!(f.completed(&key(1)).0.is_none());
     }
 
     #[tokio::test]
     async fn dropping_the_leader_releases_followers_and_the_key() {
         let f = Arc::new(Flights::default());
-        let Role::Leader(guard) = f.join(key(1)) else {
+        let Role::Leader(guard, _) = f.join(key(1), Seen(0)) else {
             panic!()
         };
-        let Role::Follower(rx) = f.join(key(1)) else {
+        let Role::Follower(rx) = f.join(key(1), Seen(0)) else {
             panic!()
         };
         let waiter = tokio::spawn(follow(rx));
         drop(guard);
         assert!(waiter.await.unwrap().is_none());
         assert_eq!(f.len(), 0);
-        assert!(matches!(f.join(key(1)), Role::Leader(_)));
+        assert!(matches!(f.join(key(1), Seen(0)), Role::Leader(..)));
     }
 
     #[test]
     fn an_old_guard_does_not_remove_a_newer_flight() {
         let f = Arc::new(Flights::default());
-        let Role::Leader(old) = f.join(key(1)) else {
+        let Role::Leader(old, _) = f.join(key(1), Seen(0)) else {
             panic!()
         };
         // Simulate the old flight having been replaced under the same key.
-        f.shard(&key(1)).remove(&key(1));
-        let Role::Leader(_new) = f.join(key(1)) else {
+        f.shard(&key(1)).flights.remove(&key(1));
+        let Role::Leader(_new, _) = f.join(key(1), Seen(0)) else {
             panic!()
         };
         drop(old);
         assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn a_leader_learns_whether_an_entry_was_stored_since_its_cache_read() {
+        let f = Arc::new(Flights::default());
+        let (_, seen) = f.completed(&key(1));
+        let Role::Leader(guard, stored_since) = f.join(key(1), seen) else {
+            panic!()
+        };
+        assert!(!stored_since, "nothing stored: the cache read stands");
+        drop(guard);
+        // Another request stores an answer for the key between this one's read and join.
+        let (_, seen) = f.completed(&key(1));
+        f.stored(&key(1));
+        let Role::Leader(guard, stored_since) = f.join(key(1), seen) else {
+            panic!()
+        };
+        assert!(stored_since, "a store since the read: read again");
+        drop(guard);
+        // A store under another shard does not count.
+        let other = (2..=255)
+            .map(key)
+            .find(|k| {
+                usize::from(k.as_bytes()[0]) % SHARDS != usize::from(key(1).as_bytes()[0]) % SHARDS
+            })
+            .unwrap();
+        let (_, seen) = f.completed(&key(1));
+        f.stored(&other);
+        let Role::Leader(_guard, stored_since) = f.join(key(1), seen) else {
+            panic!()
+        };
+        assert!(!stored_since);
     }
 }

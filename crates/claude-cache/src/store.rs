@@ -99,8 +99,9 @@ impl Shared {
         max_age: Option<Duration>,
         refresh: bool,
     ) -> Lookup {
+        let (completed, seen) = self.flights.completed(&key);
         if !refresh {
-            if let Some(rx) = self.flights.completed(&key)
+            if let Some(rx) = completed
                 && let Some(e) = flight::follow(rx).await
                 && is_fresh(&e, max_age)
             {
@@ -110,17 +111,19 @@ impl Shared {
                 return Lookup::Hit(e);
             }
         }
-        match self.flights.join(key) {
+        match self.flights.join(key, seen) {
             Role::Follower(_) if refresh => Lookup::Alone,
             Role::Follower(rx) => match flight::follow(rx).await {
                 Some(e) if is_fresh(&e, max_age) => Lookup::Hit(e),
                 _ => Lookup::Alone,
             },
-            Role::Leader(guard) if refresh => Lookup::Lead(guard),
-            Role::Leader(guard) => {
+            Role::Leader(guard, _) if refresh => Lookup::Lead(guard),
+            Role::Leader(guard, stored_since) => {
                 // A leader that finished between our cache read and our join has stored its
                 // answer before leaving the map: check again, or we would go upstream twice.
-                if let Some(e) = self.fresh(&key, max_age).await {
+                // (Only when something was stored under this shard since that read: see
+                // `Flights::stored`.)
+                if stored_since && let Some(e) = self.fresh(&key, max_age).await {
                     guard.publish(e.clone());
                     return Lookup::Hit(e);
                 }
@@ -141,6 +144,7 @@ impl Shared {
         metrics::gauge!(metric_names::BYTES).increment(f64::from(entry.weight));
         metrics::counter!(metric_names::STORED).increment(1);
         self.cache.insert(key, entry).await;
+        self.flights.stored(&key);
     }
 
     /// A fresh answer from the second level, inserted locally (never written back).
