@@ -406,7 +406,8 @@ impl<'a> Canon<'a> {
             src: input,
             pos: 0,
             out: Vec::with_capacity(input.len()),
-            spans: Vec::new(),
+            // Room for the members of a few levels of objects at once.
+            spans: Vec::with_capacity(32),
             reorders: Vec::new(),
             members: Vec::new(),
             removed: 0,
