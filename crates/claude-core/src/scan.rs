@@ -10,7 +10,10 @@
 //!   is copied, into a buffer carried to the next frame. Events are told apart by their
 //!   `event:` name: the data of `ping`, `content_block_*` and unknown events is neither kept
 //!   nor parsed, and nothing of an event's JSON is copied but the strings the report keeps
-//!   (`model`, the error).
+//!   (`model`, the error). An `event:` line equal to the previous one (a run of text
+//!   deltas) is known without being read again. The data of the events that are parsed is
+//!   read by hand when it has the shape the API sends (validated whole as strictly as serde
+//!   would), and by serde otherwise, with the same result either way.
 //! - **JSON**: an incremental tokenizer tracks nesting and strings and captures only the
 //!   top-level `usage`, `model`, `type` and `error` values; the rest (the content text) is
 //!   skipped without copying, and inside a nested value it stops only at quotes and
@@ -28,6 +31,7 @@ use std::ops::Range;
 use memchr::{memchr, memchr2};
 use serde::Deserialize;
 
+use crate::skim::Skim;
 use crate::usage::{Usage, UsageMerge, WireUsage};
 
 /// The most bytes kept for one SSE line/event data or one captured JSON value (64 KiB).
@@ -267,8 +271,20 @@ impl SseHandler for UsageEvents<'_> {
 /// Parses an event's data: its kind (the `event:` name, or without one the JSON `type`)
 /// and the fields the scanner reads. `None` when the data is not such JSON.
 fn parse_event(named: Option<EventName>, data: &[u8]) -> Option<(EventName, SseEvent)> {
-    let ev = serde_json::from_slice::<SseEvent>(data).ok()?;
+    let ev = match fast_event(data) {
+        Some(ev) => ev,
+        None => serde_json::from_slice::<SseEvent>(data).ok()?,
+    };
     Some((named.or(ev.kind).unwrap_or(EventName::Empty), ev))
+}
+
+/// [`SseEvent::read`] (off in tests that compare it with serde alone).
+fn fast_event(data: &[u8]) -> Option<SseEvent> {
+    #[cfg(test)]
+    if tests::SERDE_ONLY.get() {
+        return None;
+    }
+    SseEvent::read(data)
 }
 
 /// The start of a server-sent-event stream, read up to the end of its first event without
@@ -387,7 +403,13 @@ impl SseReader {
                 pos += 1;
                 continue;
             }
-            let Some(i) = memchr2(b'\n', b'\r', &chunk[pos..]) else {
+            if let Some(n) = self.same_event_line(&chunk[pos..]) {
+                let end = pos + n;
+                self.after_cr = chunk[end] == b'\r';
+                pos = end + 1;
+                continue;
+            }
+            let Some(i) = line_end(&chunk[pos..]) else {
                 self.carry(&chunk[pos..], h);
                 break;
             };
@@ -500,7 +522,13 @@ impl SseReader {
         here: &mut Option<Range<usize>>,
         h: &mut impl SseHandler,
     ) {
-        let (field, value, value_at) = match memchr(b':', line) {
+        // The colon of the usual fields without a search.
+        let colon = match line {
+            [b'd', b'a', b't', b'a', b':', ..] => Some(4),
+            [b'e', b'v', b'e', b'n', b't', b':', ..] => Some(5),
+            _ => memchr(b':', line),
+        };
+        let (field, value, value_at) = match colon {
             Some(i) => match line.get(i + 1) {
                 Some(b' ') => (&line[..i], &line[i + 2..], i + 2),
                 _ => (&line[..i], &line[i + 1..], i + 1),
@@ -508,7 +536,14 @@ impl SseReader {
             None => (line, &b""[..], line.len()),
         };
         match field {
-            b"event" => self.event = Some(EventName::of(value)),
+            b"event" => {
+                let name = EventName::of(value);
+                self.event = Some(name);
+                if let Some(dst) = self.last_event_line.get_mut(..line.len()) {
+                    dst.copy_from_slice(line);
+                    self.last_event = Some((name, line.len() as u8));
+                }
+            }
             b"data" => {
                 let held = here.as_ref().map_or(self.data.len(), Range::len);
                 if held + value.len() + 1 > MAX_CAPTURE {
@@ -555,6 +590,21 @@ impl SseReader {
         }
     }
 
+    /// When `rest` begins with a whole line equal to the last `event:` line read: sets the
+    /// event's name, as reading the line would, and returns the line's length.
+    fn same_event_line(&mut self, rest: &[u8]) -> Option<usize> {
+        if rest.first() != Some(&b'e') {
+            return None;
+        }
+        let (name, n) = self.last_event?;
+        let n = usize::from(n);
+        if rest.get(..n)? == &self.last_event_line[..n] && matches!(rest.get(n)?, b'\n' | b'\r') {
+            self.event = Some(name);
+            return Some(n);
+        }
+        None
+    }
+
     /// Whether a line was left unfinished by the previous chunk.
     fn line_open(&self) -> bool {
         self.skip_line || !self.line.is_empty()
@@ -584,6 +634,15 @@ impl SseReader {
         } else {
             None
         }
+    }
+}
+
+/// Where the line at the start of `s` ends (its `\n` or `\r`): an empty line is told by its
+/// first byte, without memchr's set-up.
+fn line_end(s: &[u8]) -> Option<usize> {
+    match s.first()? {
+        b'\n' | b'\r' => Some(0),
+        _ => memchr2(b'\n', b'\r', s),
     }
 }
 
@@ -656,9 +715,17 @@ struct SseReader {
     /// The current event's data, when it did not end in the chunk that holds it.
     data: Vec<u8>,
     has_data: bool,
+    /// The last `event:` line read (its first `last_event.1` bytes) and the name it gave:
+    /// the same line again (the usual case: a run of `content_block_delta`) is known
+    /// without reading it.
+    last_event_line: [u8; LAST_EVENT_MAX],
+    last_event: Option<(EventName, u8)>,
 }
 
-#[derive(Deserialize)]
+/// The longest `event:` line remembered by [`SseReader`] (the API's are at most 26 bytes).
+const LAST_EVENT_MAX: usize = 32;
+
+#[derive(Debug, Default, Deserialize)]
 struct SseEvent {
     #[serde(rename = "type")]
     kind: Option<EventName>,
@@ -667,17 +734,182 @@ struct SseEvent {
     error: Option<WireError>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct SseMessage {
     model: Option<String>,
     usage: Option<WireUsage>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 struct WireError {
     #[serde(rename = "type")]
     kind: Option<String>,
     message: Option<String>,
+}
+
+impl SseEvent {
+    /// `serde_json::from_slice::<SseEvent>(data).ok()` read by hand, when that is certain
+    /// without serde: the data is one JSON object, validated whole as strictly as serde does
+    /// (by [`Skim`], and by [`WireUsage::read_prefix`] for the usage objects), whose
+    /// `type`, `message.model` and the two usage objects have the shape the API sends.
+    /// `None` (ask serde) for anything else: not an object or not valid JSON, an escaped
+    /// key at the two levels read, a field `SseEvent` or `SseMessage` reads given twice
+    /// (serde's derive rejects it) or of another type than expected, an escaped `type` or
+    /// `model`, a usage object the hand reader leaves to serde, an `error` member (error
+    /// events are rare). So the answer is serde's for every input, and serde's own work is
+    /// left to the unusual.
+    fn read(data: &[u8]) -> Option<Self> {
+        let mut p = Skim { b: data, i: 0 };
+        let mut ev = Self::default();
+        let mut seen = 0_u8;
+        p.ws();
+        if p.peek()? != b'{' {
+            return None;
+        }
+        members(&mut p, |p, key| {
+            let bit = match key {
+                b"type" => 1,
+                b"message" => 2,
+                b"usage" => 4,
+                b"error" => return None,
+                _ => return skip_value(p, 1),
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            match bit {
+                1 => ev.kind = nullable(p, |p| plain_str(p).map(EventName::of))?,
+                2 => ev.message = nullable(p, SseMessage::read)?,
+                _ => ev.usage = nullable(p, read_usage)?,
+            }
+            Some(())
+        })?;
+        p.ws();
+        (p.i == data.len()).then_some(ev)
+    }
+}
+
+impl SseMessage {
+    /// The `message` object (the cursor on its `{`), as serde reads it; `None`: ask serde.
+    fn read(p: &mut Skim<'_>) -> Option<Self> {
+        if p.peek()? != b'{' {
+            return None;
+        }
+        let (mut model, mut usage) = (None, None);
+        let mut seen = 0_u8;
+        members(p, |p, key| {
+            let bit = match key {
+                b"model" => 1,
+                b"usage" => 2,
+                _ => return skip_value(p, 2),
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            if bit == 1 {
+                model = nullable(p, |p| {
+                    let s = plain_str(p)?;
+                    std::str::from_utf8(s).ok().map(str::to_owned)
+                })?;
+            } else {
+                usage = nullable(p, read_usage)?;
+            }
+            Some(())
+        })?;
+        Some(Self { model, usage })
+    }
+}
+
+/// The members of the object whose `{` is under the cursor: `member` reads the value of
+/// each key (the cursor on the value). Keys with escapes are refused (`None`), as serde
+/// would decode them before matching.
+fn members<'a>(
+    p: &mut Skim<'a>,
+    mut member: impl FnMut(&mut Skim<'a>, &'a [u8]) -> Option<()>,
+) -> Option<()> {
+    p.i += 1;
+    p.ws();
+    if p.peek()? == b'}' {
+        p.i += 1;
+        return Some(());
+    }
+    loop {
+        p.ws();
+        let key = plain_str(p)?;
+        p.ws();
+        p.eat(b':')?;
+        p.ws();
+        member(p, key)?;
+        p.ws();
+        match p.next()? {
+            b',' => {}
+            b'}' => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
+/// `null` (then `Some(None)`), or the value `read` reads.
+#[allow(clippy::option_option)]
+fn nullable<'a, T>(
+    p: &mut Skim<'a>,
+    read: impl FnOnce(&mut Skim<'a>) -> Option<T>,
+) -> Option<Option<T>> {
+    if p.peek()? == b'n' {
+        p.word(b"null")?;
+        return Some(None);
+    }
+    read(p).map(Some)
+}
+
+/// The text of the string under the cursor when it has no escape (valid UTF-8 without
+/// control characters, as serde reads it); `None` for anything else. Printable ASCII is
+/// read eight bytes at a time; [`Skim`] checks the rest.
+fn plain_str<'a>(p: &mut Skim<'a>) -> Option<&'a [u8]> {
+    let b = p.b;
+    if p.peek()? != b'"' {
+        return None;
+    }
+    let start = p.i + 1;
+    let rest = &b[start..];
+    if let Some(n) = string_stop_swar(rest, true)
+        && rest[n] == b'"'
+    {
+        p.i = start + n + 1;
+        return Some(&rest[..n]);
+    }
+    if p.string()? {
+        return None;
+    }
+    Some(&b[start..p.i - 1])
+}
+
+/// Skips (and validates) the value under the cursor, `depth` levels down.
+fn skip_value(p: &mut Skim<'_>, depth: u32) -> Option<()> {
+    match p.peek()? {
+        b'"' => {
+            let start = p.i + 1;
+            let rest = &p.b[start..];
+            if let Some(n) = string_stop_swar(rest, true)
+                && rest[n] == b'"'
+            {
+                p.i = start + n + 1;
+                return Some(());
+            }
+            p.string().map(drop)
+        }
+        b'n' => p.word(b"null"),
+        _ => p.value(depth),
+    }
+}
+
+/// A usage object under the cursor, when the hand reader reads it.
+fn read_usage(p: &mut Skim<'_>) -> Option<WireUsage> {
+    let (w, n) = WireUsage::read_prefix(&p.b[p.i..])?;
+    p.i += n;
+    Some(w)
 }
 
 impl WireError {
@@ -1136,6 +1368,11 @@ pub fn scan_all(format: BodyFormat, body: &[u8]) -> UsageReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Whether events are parsed by serde alone (the reference of the SSE fast path).
+        pub(super) static SERDE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     const STREAM: &str = "event: message_start\n\
 data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":50,\"cache_creation\":{\"ephemeral_5m_input_tokens\":60,\"ephemeral_1h_input_tokens\":40},\"output_tokens\":1}}}\n\n\
@@ -1734,6 +1971,355 @@ data: {\"type\": \"message_stop\"}\n\n";
                 s.feed(&body.as_bytes()[..i]);
                 s.feed(&body.as_bytes()[i..]);
                 assert_eq!(s.finish(BodyEnd::Ended), whole, "split at {i}");
+            }
+        }
+    }
+
+    /// The mock's message_start data (as `claude-mock` writes it for a 16-token answer).
+    const MOCK_START: &str = r#"{"type":"message_start","message":{"id":"msg_mock_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":380,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":1,"service_tier":"standard"}}}"#;
+    /// The mock's message_delta data.
+    const MOCK_DELTA: &str = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":380,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":16}}"#;
+
+    /// The mock's 16-token stream, one frame per event as it sends them.
+    fn mock_frames() -> Vec<String> {
+        const WORDS: [&str; 16] = [
+            "Lorem",
+            "ipsum",
+            "dolor",
+            "sit",
+            "amet",
+            "consectetur",
+            "adipiscing",
+            "elit",
+            "sed",
+            "do",
+            "eiusmod",
+            "tempor",
+            "incididunt",
+            "ut",
+            "labore",
+            "magna",
+        ];
+        let mut f = vec![
+            format!("event: message_start\ndata: {MOCK_START}\n\n"),
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n".to_owned(),
+            "event: ping\ndata: {\"type\":\"ping\"}\n\n".to_owned(),
+        ];
+        for (i, w) in WORDS.iter().enumerate() {
+            let sp = if i == 0 { "" } else { " " };
+            f.push(format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{sp}{w}\"}}}}\n\n"));
+        }
+        f.push(
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n"
+                .to_owned(),
+        );
+        f.push(format!("event: message_delta\ndata: {MOCK_DELTA}\n\n"));
+        f.push("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_owned());
+        f
+    }
+
+    /// Event data for the SSE differential tests: the mock's, and variations of what the API
+    /// may send and of what it should not (serde decides what they mean).
+    fn event_data() -> Vec<Vec<u8>> {
+        let pretty = |s: &str| {
+            serde_json::to_string_pretty(
+                &serde_json::from_str::<serde_json::Value>(s).expect("JSON"),
+            )
+            .expect("JSON")
+        };
+        let start = |message: &str| format!(r#"{{"type":"message_start","message":{message}}}"#);
+        let delta = |usage: &str| {
+            format!(
+                r#"{{"type":"message_delta","delta":{{"stop_reason":"end_turn"}},"usage":{usage}}}"#
+            )
+        };
+        let mut v: Vec<String> = vec![
+            MOCK_START.to_owned(),
+            MOCK_DELTA.to_owned(),
+            pretty(MOCK_START),
+            pretty(MOCK_DELTA),
+            format!(" \t\r\n{} \t", MOCK_START.replace(':', " :\t").replace(',', "\r\n , ")),
+            r#"{"type":"message_stop"}"#.to_owned(),
+            r#"{ "type" : "message_stop" }"#.to_owned(),
+            r#"{"type":"ping"}"#.to_owned(),
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" Lorem"}}"#.to_owned(),
+            // Reordered, extra and null members.
+            r#"{"message":{"usage":{"output_tokens":2,"input_tokens":7},"model":"m","id":"x"},"type":"message_start"}"#.to_owned(),
+            r#"{"usage":{"output_tokens":9},"delta":{},"type":"message_delta"}"#.to_owned(),
+            start(r#"{"model":"m","x":{"a":[1,-2.5e+3,true,false,null,"é\n\u00e9",{"b":[]}]},"usage":{"input_tokens":1}}"#),
+            r#"{"extra":[{"usage":{"input_tokens":99}}],"type":"message_start","message":{"model":"m"},"more":"\"usage\":{}"}"#.to_owned(),
+            r#"{"type":null,"message":null,"usage":null}"#.to_owned(),
+            start(r#"{"model":null,"usage":null}"#),
+            start("null"),
+            start("{}"),
+            "{}".to_owned(),
+            r#"{"usage":{"output_tokens":3}}"#.to_owned(),
+            r#"{"type":"message_delta"}"#.to_owned(),
+            // Escapes and non-ASCII where the fast path reads, and elsewhere.
+            start(r#"{"model":"claude-\u0073onnet \"4\" \\ 5","usage":{"input_tokens":1}}"#),
+            start(r#"{"model":"clàude-ünïcode-✓","usage":{"input_tokens":1}}"#),
+            start(r#"{"model":"\ud800","usage":{"input_tokens":1}}"#),
+            start(r#"{"id":"\ud800\u00e9\n\t\/","model":"m","usage":{"input_tokens":1}}"#),
+            r#"{"type":"message\u005fstart","message":{"model":"m","usage":{"input_tokens":4}}}"#.to_owned(),
+            r#"{"typ\u0065":"message_start","message":{"model":"m"}}"#.to_owned(),
+            start(r#"{"mod\u0065l":"x","\u0075sage":{"input_tokens":5}}"#),
+            r#"{"\u0075sage":{"output_tokens":5},"type":"message_delta"}"#.to_owned(),
+            delta(r#"{"outp\u0075t_tokens":3,"service_tier":"b\u0061tch"}"#),
+            r#"{"ключ":"значение","type":"message_delta","usage":{"output_tokens":2}}"#.to_owned(),
+            // Duplicates: of fields serde reads (an error), and of others (fine).
+            start(r#"{"model":"a","model":"b"}"#),
+            start(r#"{"usage":{"input_tokens":1},"usage":{"input_tokens":2}}"#),
+            start(r#"{"model":null,"model":"b"}"#),
+            r#"{"type":"message_start","type":"message_start","message":{}}"#.to_owned(),
+            r#"{"type":"message_delta","usage":{"output_tokens":1},"usage":{"output_tokens":2}}"#.to_owned(),
+            r#"{"type":"message_start","message":{},"message":{}}"#.to_owned(),
+            start(r#"{"id":"a","id":"b","model":"m"}"#),
+            r#"{"x":1,"x":2,"type":"message_delta","usage":{"output_tokens":4}}"#.to_owned(),
+            delta(r#"{"output_tokens":1,"output_tokens":2}"#),
+            // Values of other types than serde's.
+            start(r#"{"model":5}"#),
+            start(r#"{"model":["m"]}"#),
+            start(r#"["m",{"input_tokens":3}]"#),
+            start(r#""message""#),
+            r#"{"type":5,"usage":{"output_tokens":1}}"#.to_owned(),
+            r#"{"type":{"a":1}}"#.to_owned(),
+            delta("[1,2,3,4,null,null,\"batch\"]"),
+            delta("7"),
+            delta(r#"{"output_tokens":1.0}"#),
+            delta(r#"{"output_tokens":-1}"#),
+            delta(r#"{"output_tokens":"5"}"#),
+            delta(r#"{"output_tokens":18446744073709551616}"#),
+            delta(r#"{"input_tokens":1,"server_tool_use":{"web_search_requests":3},"foo":[1,{"a":"}"}],"service_tier":"flex"}"#),
+            // Errors.
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#.to_owned(),
+            r#"{"type":"error","error":{"message":"m"}}"#.to_owned(),
+            r#"{"type":"error","error":null}"#.to_owned(),
+            r#"{"type":"error"}"#.to_owned(),
+            r#"{"type":"error","error":"not an object"}"#.to_owned(),
+            r#"{"error":{"type":"x"},"type":"message_delta","usage":{"output_tokens":3}}"#.to_owned(),
+            // Not JSON, or not one JSON object.
+            "not json".to_owned(),
+            "[1]".to_owned(),
+            "null".to_owned(),
+            r#"{"type":"message_delta","usage":{"output_tokens":3}} x"#.to_owned(),
+            r#"{"type":"message_delta","usage":{"output_tokens":3}}}"#.to_owned(),
+            r#"{"type":"message_delta","usage":{"output_tokens":3},}"#.to_owned(),
+            r#"{"type":"message_delta","usage":{"output_tokens":3}"#.to_owned(),
+            r#"{"type":"message_delta" "usage":{"output_tokens":3}}"#.to_owned(),
+            r#"{"type":"message_delta","x":01,"usage":{"output_tokens":3}}"#.to_owned(),
+            r#"{"type":"message_delta","x":1.,"usage":{"output_tokens":3}}"#.to_owned(),
+            r#"{"type":"message_delta","x":tru,"usage":{"output_tokens":3}}"#.to_owned(),
+            r#"{"type":"message_delta","x":"\x","usage":{"output_tokens":3}}"#.to_owned(),
+            r#"{"type":"message_delta","x":[1 2],"usage":{"output_tokens":3}}"#.to_owned(),
+            "{\u{c}\"type\":\"message_delta\"}".to_owned(),
+            format!(
+                r#"{{"type":"message_delta","x":{}{},"usage":{{"output_tokens":3}}}}"#,
+                "[".repeat(150),
+                "]".repeat(150)
+            ),
+        ];
+        // Truncated data.
+        for cut in [1, 10, 40, 100, 200, MOCK_START.len() - 1] {
+            v.push(MOCK_START[..cut].to_owned());
+        }
+        let mut v: Vec<Vec<u8>> = v.into_iter().map(String::into_bytes).collect();
+        // Bytes serde rejects in a string it reads, or (in an ignored string) accepts.
+        v.push(
+            b"{\"type\":\"message_delta\",\"x\":\"\x01\",\"usage\":{\"output_tokens\":3}}".to_vec(),
+        );
+        v.push(
+            b"{\"type\":\"message_delta\",\"x\":\"\xff\",\"usage\":{\"output_tokens\":3}}".to_vec(),
+        );
+        v.push(b"{\"type\":\"message_start\",\"message\":{\"model\":\"m\xc3\"}}".to_vec());
+        v.push(b"{\"type\":\"message_start\",\"message\":{\"model\":\"m\x7f\xc3\xa9\"}}".to_vec());
+        v.push(b"{\"type\":\"message_delta\",\"\xff\":1,\"usage\":{\"output_tokens\":3}}".to_vec());
+        v
+    }
+
+    /// The SSE fast path is serde's `SseEvent` for every data: those of [`event_data`], every
+    /// prefix of them, and every one-byte edit of the mock's two events (an edit that keeps
+    /// the fast path going must agree with serde; most send it to serde). The usual shapes
+    /// are read without serde.
+    #[test]
+    fn sse_event_read_is_serde() {
+        let same = |data: &[u8]| {
+            let fast = SseEvent::read(data);
+            if fast.is_some() {
+                let serde = serde_json::from_slice::<SseEvent>(data).ok();
+                assert_eq!(
+                    format!("{fast:?}"),
+                    format!("{serde:?}"),
+                    "{}",
+                    String::from_utf8_lossy(data)
+                );
+            }
+        };
+        for data in [
+            MOCK_START,
+            MOCK_DELTA,
+            r#"{"type":"message_stop"}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" Lorem"}}"#,
+        ] {
+            assert!(SseEvent::read(data.as_bytes()).is_some(), "{data}");
+        }
+        for data in event_data() {
+            for cut in 0..=data.len() {
+                same(&data[..cut]);
+            }
+        }
+        let edits = b"{}[]\",:0123456789-.eEnul \t\n\\xa\x01\xc3";
+        for base in [MOCK_START, MOCK_DELTA] {
+            let base = base.as_bytes();
+            for at in 0..=base.len() {
+                if at < base.len() {
+                    let mut v = base.to_vec();
+                    v.remove(at);
+                    same(&v);
+                }
+                for &b in edits {
+                    let mut v = base.to_vec();
+                    v.insert(at, b);
+                    same(&v);
+                    if at < base.len() {
+                        v.remove(at + 1);
+                        same(&v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scans `pieces` in turn, with the fast path or with serde alone.
+    fn scan_sse(pieces: &[&[u8]], serde_only: bool) -> UsageReport {
+        SERDE_ONLY.set(serde_only);
+        let mut s = UsageScanner::new(BodyFormat::Sse);
+        for p in pieces {
+            s.feed(p);
+        }
+        let r = s.finish(BodyEnd::Ended);
+        SERDE_ONLY.set(false);
+        r
+    }
+
+    /// The scanner gives serde's report for every stream: the mock's (one frame per event,
+    /// whole, split at every byte) and each of [`event_data`] as the data of an event named
+    /// `message_start`, `message_delta`, `error`, `message_stop` or unnamed, between the
+    /// mock's first event and a `message_stop`, fed whole and split at every byte.
+    #[test]
+    fn sse_fast_path_gives_serde_reports() {
+        let frames = mock_frames();
+        let whole: Vec<&[u8]> = frames.iter().map(String::as_bytes).collect();
+        let mock = scan_sse(&whole, false);
+        assert_eq!(mock, scan_sse(&whole, true));
+        assert!(mock.is_complete_success());
+        assert_eq!(
+            (
+                mock.usage.input_tokens,
+                mock.usage.output_tokens,
+                mock.events
+            ),
+            (380, 16, 22)
+        );
+        assert_eq!(mock.model.as_deref(), Some("claude-sonnet-4-5"));
+        let body = frames.concat();
+        let body = body.as_bytes();
+        for i in 0..=body.len() {
+            let pieces = [&body[..i], &body[i..]];
+            assert_eq!(scan_sse(&pieces, false), mock, "split at {i}");
+        }
+        let mut read_by_hand = 0;
+        for data in event_data() {
+            read_by_hand += usize::from(SseEvent::read(&data).is_some());
+            for name in [
+                "message_start",
+                "message_delta",
+                "error",
+                "message_stop",
+                "",
+            ] {
+                let mut ev = Vec::new();
+                if !name.is_empty() {
+                    ev.extend_from_slice(format!("event: {name}\n").as_bytes());
+                }
+                ev.extend_from_slice(b"data: ");
+                ev.extend_from_slice(&data);
+                ev.extend_from_slice(b"\n\n");
+                let body = [
+                    frames[0].as_bytes(),
+                    &ev,
+                    b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+                ]
+                .concat();
+                let show = format!("{name}: {}", String::from_utf8_lossy(&data));
+                let serde = scan_sse(&[&body], true);
+                assert_eq!(scan_sse(&[&body], false), serde, "{show}");
+                for i in frames[0].len()..=body.len() {
+                    let pieces = [&body[..i], &body[i..]];
+                    assert_eq!(scan_sse(&pieces, false), serde, "split at {i}: {show}");
+                }
+            }
+        }
+        assert!(read_by_hand > 20, "{read_by_hand}");
+    }
+
+    /// An `event:` line equal to the previous one is known without reading it; one that only
+    /// begins like it (longer, shorter, another spelling) is read.
+    #[test]
+    fn repeated_event_lines_are_read_as_the_first() {
+        let ev = |line: &str, n: u64| {
+            format!(
+                "{line}\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":{n}}}}}\n\n"
+            )
+        };
+        let cases: [(&[(&str, u64)], u64); 6] = [
+            (
+                &[("event: message_delta", 1), ("event: message_delta", 2)],
+                2,
+            ),
+            (
+                &[("event: message_delta", 1), ("event: message_deltas", 3)],
+                1,
+            ),
+            (
+                &[("event: message_delta", 1), ("event: message_delt", 3)],
+                1,
+            ),
+            (
+                &[("event: message_delta", 1), ("event: message_delta ", 3)],
+                1,
+            ),
+            (
+                &[
+                    ("event: ping", 1),
+                    ("event: ping", 2),
+                    ("event:message_delta", 4),
+                    ("event: message_delta\r", 5),
+                ],
+                5,
+            ),
+            (
+                &[
+                    ("event: message_deltas", 1),
+                    ("event: message_deltas", 2),
+                    ("event: message_delta", 6),
+                ],
+                6,
+            ),
+        ];
+        for (events, output) in cases {
+            let body: String = events.iter().map(|&(line, n)| ev(line, n)).collect();
+            let whole = scan_all(BodyFormat::Sse, body.as_bytes());
+            assert_eq!(whole.usage.output_tokens, output, "{body}");
+            assert_eq!(whole.events, events.len() as u64);
+            let b = body.as_bytes();
+            for i in 0..=b.len() {
+                for j in i..=b.len() {
+                    assert_eq!(
+                        scan_sse(&[&b[..i], &b[i..j], &b[j..]], false),
+                        whole,
+                        "split at {i} and {j}: {body}"
+                    );
+                }
             }
         }
     }

@@ -86,35 +86,35 @@ pub(crate) fn members(body: &[u8]) -> Option<Members<'_>> {
     (p.i == body.len()).then_some(out)
 }
 
-/// A cursor over the body.
-struct Skim<'a> {
-    b: &'a [u8],
-    i: usize,
+/// A cursor over the body (also the validating skipper of the scanner's SSE fast path).
+pub(crate) struct Skim<'a> {
+    pub(crate) b: &'a [u8],
+    pub(crate) i: usize,
 }
 
 impl Skim<'_> {
-    fn peek(&self) -> Option<u8> {
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
 
-    fn next(&mut self) -> Option<u8> {
+    pub(crate) fn next(&mut self) -> Option<u8> {
         let c = self.peek()?;
         self.i += 1;
         Some(c)
     }
 
-    fn eat(&mut self, c: u8) -> Option<()> {
+    pub(crate) fn eat(&mut self, c: u8) -> Option<()> {
         (self.next()? == c).then_some(())
     }
 
-    fn ws(&mut self) {
+    pub(crate) fn ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
             self.i += 1;
         }
     }
 
     /// One value (any whitespace before it already skipped), `depth` levels down.
-    fn value(&mut self, depth: u32) -> Option<()> {
+    pub(crate) fn value(&mut self, depth: u32) -> Option<()> {
         match self.peek()? {
             b'"' => self.string().map(|_| ()),
             b'{' => self.object(depth + 1),
@@ -127,7 +127,7 @@ impl Skim<'_> {
         }
     }
 
-    fn word(&mut self, w: &[u8]) -> Option<()> {
+    pub(crate) fn word(&mut self, w: &[u8]) -> Option<()> {
         let end = self.i + w.len();
         (self.b.get(self.i..end)? == w).then(|| self.i = end)
     }
@@ -184,7 +184,7 @@ impl Skim<'_> {
     }
 
     /// A string (the cursor on its opening quote); whether it had an escape.
-    fn string(&mut self) -> Option<bool> {
+    pub(crate) fn string(&mut self) -> Option<bool> {
         self.i += 1;
         let mut escaped = false;
         loop {
