@@ -127,6 +127,10 @@ struct Args {
     /// Worker threads of each server's tokio runtime (default: tokio's, one per core).
     #[arg(long)]
     server_threads: Option<usize>,
+    /// The gateway cache's size in the ladder, MiB (default: the cache's own default, 256
+    /// MiB; a small one is full, and evicting, from the first steps on).
+    #[arg(long)]
+    cache_mib: Option<u64>,
     /// Internal: run one server in this process (a child of the benchmark).
     #[arg(long, hide = true)]
     serve: Option<Kind>,
@@ -434,7 +438,13 @@ impl Servers {
     fn start(args: &Args, lifetime: Duration) -> Result<Self, String> {
         let mock = Child::spawn(Kind::Mock, None, args, lifetime, None)?;
         let proxy = Child::spawn(Kind::Proxy, Some(&mock.url()), args, lifetime, None)?;
-        let gateway = Child::spawn(Kind::Gateway, Some(&mock.url()), args, lifetime, None)?;
+        let gateway = Child::spawn(
+            Kind::Gateway,
+            Some(&mock.url()),
+            args,
+            lifetime,
+            args.cache_mib.map(|m| m * 1024 * 1024),
+        )?;
         Ok(Self {
             mock,
             proxy,
