@@ -4,9 +4,13 @@
 //!
 //! [`RequestMeta::get_or_parse`] parses the JSON body the first time a layer asks and stores
 //! the result in the request's extensions; every later layer gets the stored copy (cloning
-//! it is a few reference-count increments). Parsing borrows `system`, `messages` and `tools`
-//! as raw JSON slices ([`serde_json::value::RawValue`]): their text is checked for syntax but
-//! no tree is built, so a 100 KB prompt costs one linear scan.
+//! it is a few reference-count increments). Parsing keeps `system`, `messages` and `tools`
+//! as raw JSON slices: their text is checked for syntax but no tree is built, so a 100 KB
+//! prompt costs one linear scan. An ordinary body is read by a strict pass of this crate's
+//! own, which validates all of it and answers only where serde_json would accept the body
+//! and read the same slices; any other body (invalid, or unusual: escaped member names, a
+//! member given twice, deep nesting) is parsed by serde_json with
+//! [`serde_json::value::RawValue`], which then decides, so the meta is the same either way.
 //!
 //! # The input-token estimate
 //!
