@@ -1373,15 +1373,8 @@ mod tests {
             buf.extend_from_slice(v.as_bytes().trim_ascii());
         }
         put_optional(&mut h, version.as_deref());
-        let mut betas: Vec<&[u8]> = headers
-            .get_all(ANTHROPIC_BETA)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|s| !s.is_empty())
-            .collect();
-        betas.sort_unstable();
-        betas.dedup();
+        // The betas' normalisation did not change with the layout: the same function.
+        let betas = betas(headers);
         h.update(&(betas.len() as u64).to_le_bytes());
         for b in &betas {
             put(&mut h, b);
