@@ -15,8 +15,11 @@
 //! - `cost`: `CostLayer` with a global monthly budget (so the reservation path runs);
 //! - `api_key`: `ApiKeyLayer` over a `KeyRing` of a `StaticSource`, key loaded;
 //! - `cache_miss`: `CacheLayer` (defaults: 256 MiB, 1 h) with a distinct request every
-//!   iteration: the key, the single-flight map, the tee of the frames and the store task
-//!   (the cache fills and then evicts as the run goes on);
+//!   iteration: the key, the single-flight map, the tee of the frames and the hand-over to
+//!   the cache's store thread, which inserts into moka on the other core (the cache fills
+//!   and then evicts as the run goes on);
+//! - `cache_miss_inline`: the same with `store_thread = false`: the moka insert and moka's
+//!   maintenance run on the request's thread, as they did before the store thread;
 //! - `cache_hit`: the same request every iteration, answered from the cache;
 //! - `stack`: `ClaudeStack::service(upstream)` from a TOML config with every layer on
 //!   (cost with a budget, cache, retry, per-attempt timeout, rate limit, API key), distinct
@@ -69,13 +72,14 @@ use tower::{Layer, Service, ServiceExt};
 /// The shapes benched, as criterion group names.
 const GROUPS: [&str; 2] = ["layers_json", "layers_sse"];
 /// The rows of each group, in order.
-const ROWS: [&str; 10] = [
+const ROWS: [&str; 11] = [
     "bare",
     "retry",
     "rate_limit",
     "cost",
     "api_key",
     "cache_miss",
+    "cache_miss_inline",
     "cache_hit",
     "stack",
     "stack_hit",
@@ -409,6 +413,17 @@ fn layers(c: &mut Criterion) {
         bench_service(&mut g, &rt, "api_key", &keyed, d, total, None);
         let cache = CacheLayer::new(CacheConfig::default()).layer(up.clone());
         bench_service(&mut g, &rt, "cache_miss", &cache, d, total, Some("MISS"));
+        let inline = CacheLayer::new(CacheConfig::default()).store_thread(false);
+        let cache = inline.layer(up.clone());
+        bench_service(
+            &mut g,
+            &rt,
+            "cache_miss_inline",
+            &cache,
+            d,
+            total,
+            Some("MISS"),
+        );
         let cache = CacheLayer::new(CacheConfig::default()).layer(up.clone());
         bench_service(&mut g, &rt, "cache_hit", &cache, &same, total, Some("HIT"));
         let stack = || {

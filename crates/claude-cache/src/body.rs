@@ -218,11 +218,14 @@ impl Tee {
         });
     }
 
-    /// Builds the entry and stores it, here and now: the copy into one buffer, the hand-over
-    /// to the followers and the moka insert run as the body ends (a task spawned per miss
-    /// cost more than the store itself: on a multi-threaded runtime it wakes another worker).
-    /// Only work that has to wait goes to a task: an insert that moka cannot finish at once
-    /// (its write queue is full), and the write to the second level.
+    /// Builds the entry (the copy into one buffer) and hands it to the followers as the body
+    /// ends. A leader then hands it to the store thread, if the cache has one (see
+    /// [`CacheConfig::store_thread`](crate::CacheConfig::store_thread)): until the entry
+    /// is in moka the flight stays in the in-flight map and serves it. Otherwise the moka
+    /// insert runs here and now (a task spawned per miss cost more than the store itself:
+    /// on a multi-threaded runtime it wakes another worker); only work that has to wait goes
+    /// to a task: an insert that moka cannot finish at once (its write queue is full), and
+    /// the write to the second level.
     fn store(&mut self, report: &UsageReport) {
         let Some(pending) = self.pending.take() else {
             return;
@@ -242,15 +245,27 @@ impl Tee {
         if let Some(guard) = &pending.guard {
             guard.publish(entry.clone());
         }
-        let mut insert = Box::pin(insert(pending, entry));
+        // Without a flight, nothing would serve the answer before it is in moka: a request
+        // that went upstream alone stores it here, so that the next request sees it.
+        let (pending, entry) = if pending.guard.is_some() {
+            let shared = pending.shared.clone();
+            match shared.defer(pending, entry) {
+                Ok(()) => return,
+                Err(back) => back,
+            }
+        } else {
+            (pending, entry)
+        };
+        let rt = tokio::runtime::Handle::try_current().ok();
+        let mut insert = Box::pin(insert(pending, entry, rt.clone(), true));
         let mut cx = Context::from_waker(Waker::noop());
         if insert.as_mut().poll(&mut cx).is_ready() {
             return;
         }
         // Polled again by the task, with its own waker: no wake-up is lost.
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn(insert)),
-            Err(_) => {
+        match rt {
+            Some(rt) => drop(rt.spawn(insert)),
+            None => {
                 metrics::counter!(metric_names::NOT_STORED, "reason" => "no_runtime").increment(1);
             }
         }
@@ -258,9 +273,18 @@ impl Tee {
 }
 
 /// Inserts a stored answer into moka, then lets its flight go (and, with a second level,
-/// has a task write the answer there).
-async fn insert(pending: Pending, entry: Arc<Entry>) {
+/// has a task on `rt` write the answer there). `direct`: on a request's own thread, not
+/// the store thread.
+pub(crate) async fn insert(
+    pending: Pending,
+    entry: Arc<Entry>,
+    rt: Option<tokio::runtime::Handle>,
+    direct: bool,
+) {
     pending.shared.insert(pending.key, entry.clone()).await;
+    if direct {
+        pending.shared.stored_directly();
+    }
     #[cfg(feature = "redis")]
     let (shared, key) = (pending.shared.clone(), pending.key);
     // The guard leaves the in-flight map only now that the entry is in the cache.
@@ -269,7 +293,7 @@ async fn insert(pending: Pending, entry: Arc<Entry>) {
     if shared.l2.is_some() {
         // Network I/O: never on the caller's poll. (A second level needs a runtime to
         // exist at all, so there is one.)
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if let Some(rt) = rt {
             drop(rt.spawn(async move { shared.write_through(&key, &entry).await }));
         }
     }

@@ -107,10 +107,15 @@ impl Flights {
 
     /// Joins the flight on `key`, or starts one. `seen` is what an earlier
     /// [`completed`](Self::completed) saw (a leader learns whether an entry was stored
-    /// since).
-    pub(crate) fn join(self: &Arc<Self>, key: CacheKey, seen: Seen) -> Role {
+    /// since). A `refresh` (`no-cache`) request does not follow a flight whose answer has
+    /// completed: it starts a new flight in its place, so that the requests after it get its
+    /// answer rather than the one before (the old leader's guard, which still stores its
+    /// answer, then leaves the new flight in the map).
+    pub(crate) fn join(self: &Arc<Self>, key: CacheKey, seen: Seen, refresh: bool) -> Role {
         let mut shard = self.shard(&key);
-        if let Some((_, rx)) = shard.flights.get(&key) {
+        if let Some((_, rx)) = shard.flights.get(&key)
+            && (!refresh || matches!(*rx.borrow(), Flight::Pending))
+        {
             return Role::Follower(rx.clone());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +211,7 @@ impl Drop for FlightGuard {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::entry::Head;
     use claude_core::UsageReport;
@@ -225,7 +230,8 @@ mod tests {
         .unwrap()
     }
 
-    fn entry() -> Arc<Entry> {
+    /// An empty answer that lives a second.
+    pub(crate) fn entry() -> Arc<Entry> {
         let head = Head {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
@@ -238,14 +244,14 @@ mod tests {
     #[tokio::test]
     async fn followers_get_the_published_entry() {
         let f = Arc::new(Flights::default());
-        let Role::Leader(guard, _) = f.join(key(1), Seen(0)) else {
+        let Role::Leader(guard, _) = f.join(key(1), Seen(0), false) else {
             panic!("first is leader")
         };
-        let Role::Follower(rx) = f.join(key(1), Seen(0)) else {
+        let Role::Follower(rx) = f.join(key(1), Seen(0), false) else {
             panic!("second follows")
         };
         assert!(
-            matches!(f.join(key(2), Seen(0)), Role::Leader(..)),
+            matches!(f.join(key(2), Seen(0), false), Role::Leader(..)),
             "other keys lead"
         );
         let waiter = tokio::spawn(follow(rx));
@@ -256,7 +262,7 @@ mod tests {
         guard.publish(e.clone());
         assert!(Arc::ptr_eq(&follow(storing).await.unwrap(), &e));
         // Joining after publication still gets the entry.
-        let Role::Follower(late) = f.join(key(1), Seen(0)) else {
+        let Role::Follower(late) = f.join(key(1), Seen(0), false) else {
             panic!("still in flight until the guard drops")
         };
         drop(guard);
@@ -269,28 +275,64 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_leader_releases_followers_and_the_key() {
         let f = Arc::new(Flights::default());
-        let Role::Leader(guard, _) = f.join(key(1), Seen(0)) else {
+        let Role::Leader(guard, _) = f.join(key(1), Seen(0), false) else {
             panic!()
         };
-        let Role::Follower(rx) = f.join(key(1), Seen(0)) else {
+        let Role::Follower(rx) = f.join(key(1), Seen(0), false) else {
             panic!()
         };
         let waiter = tokio::spawn(follow(rx));
         drop(guard);
         assert!(waiter.await.unwrap().is_none());
         assert_eq!(f.len(), 0);
-        assert!(matches!(f.join(key(1), Seen(0)), Role::Leader(..)));
+        assert!(matches!(f.join(key(1), Seen(0), false), Role::Leader(..)));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_follows_a_pending_flight_and_replaces_a_completed_one() {
+        let f = Arc::new(Flights::default());
+        let Role::Leader(old, _) = f.join(key(1), Seen(0), false) else {
+            panic!()
+        };
+        assert!(
+            matches!(f.join(key(1), Seen(0), true), Role::Follower(_)),
+            "the leader is upstream: the refresh is told there is a flight"
+        );
+        let waiting = match f.join(key(1), Seen(0), false) {
+            Role::Follower(rx) => rx,
+            Role::Leader(..) => panic!("follows"),
+        };
+        old.publish(entry());
+        // The old answer completed but is not in the cache yet: a refresh leads anew.
+        let Role::Leader(new, _) = f.join(key(1), Seen(0), true) else {
+            panic!("a refresh does not follow a completed flight")
+        };
+        assert!(
+            f.completed(&key(1)).0.is_none(),
+            "lookups no longer see the old answer"
+        );
+        let later = match f.join(key(1), Seen(0), false) {
+            Role::Follower(rx) => rx,
+            Role::Leader(..) => panic!("follows the refresh"),
+        };
+        // The old leader stores its answer and goes; its followers got it, the new flight stays.
+        drop(old);
+        assert!(follow(waiting).await.is_some());
+        assert_eq!(f.len(), 1);
+        let fresh = entry();
+        new.publish(fresh.clone());
+        assert!(Arc::ptr_eq(&follow(later).await.unwrap(), &fresh));
     }
 
     #[test]
     fn an_old_guard_does_not_remove_a_newer_flight() {
         let f = Arc::new(Flights::default());
-        let Role::Leader(old, _) = f.join(key(1), Seen(0)) else {
+        let Role::Leader(old, _) = f.join(key(1), Seen(0), false) else {
             panic!()
         };
         // Simulate the old flight having been replaced under the same key.
         f.shard(&key(1)).flights.remove(&key(1));
-        let Role::Leader(_new, _) = f.join(key(1), Seen(0)) else {
+        let Role::Leader(_new, _) = f.join(key(1), Seen(0), false) else {
             panic!()
         };
         drop(old);
@@ -301,7 +343,7 @@ mod tests {
     fn a_leader_learns_whether_an_entry_was_stored_since_its_cache_read() {
         let f = Arc::new(Flights::default());
         let (_, seen) = f.completed(&key(1));
-        let Role::Leader(guard, stored_since) = f.join(key(1), seen) else {
+        let Role::Leader(guard, stored_since) = f.join(key(1), seen, false) else {
             panic!()
         };
         assert!(!stored_since, "nothing stored: the cache read stands");
@@ -309,7 +351,7 @@ mod tests {
         // Another request stores an answer for the key between this one's read and join.
         let (_, seen) = f.completed(&key(1));
         f.stored(&key(1));
-        let Role::Leader(guard, stored_since) = f.join(key(1), seen) else {
+        let Role::Leader(guard, stored_since) = f.join(key(1), seen, false) else {
             panic!()
         };
         assert!(stored_since, "a store since the read: read again");
@@ -323,7 +365,7 @@ mod tests {
             .unwrap();
         let (_, seen) = f.completed(&key(1));
         f.stored(&other);
-        let Role::Leader(_guard, stored_since) = f.join(key(1), seen) else {
+        let Role::Leader(_guard, stored_since) = f.join(key(1), seen, false) else {
             panic!()
         };
         assert!(!stored_since);

@@ -101,13 +101,23 @@
 //! refcounted clone of it is kept, up to the size cap (past it the clones are dropped at
 //! once). When the body ends and the usage report says it completed, the answer is stored
 //! there and then, before the last frame is handed on: the frames are copied into one
-//! exactly sized buffer (see below; about a microsecond for a small answer), the entry goes
-//! to the waiting followers and into moka. A task is spawned only for work that has to
-//! wait: an insert that moka cannot finish at once (its write queue is full) and the write
-//! to the Redis second level. (A task per miss used to do the whole store; on a
-//! multi-threaded runtime it woke another worker for every miss, which cost more than the
-//! store itself.) With no tokio runtime, an insert that cannot finish at once is abandoned
-//! and counted as not stored (`no_runtime`).
+//! exactly sized buffer (see below; about a microsecond for a small answer) and the entry
+//! goes to the waiting followers. The moka insert then runs on the cache's store thread
+//! ([`CacheConfig::store_thread`], on by default): the request hands the entry over through
+//! a bounded queue and goes on, and its flight stays in the in-flight map, serving the
+//! entry to any request on the key, until the entry is in moka (about a millisecond: the
+//! thread gathers what arrives in a millisecond, stores it, and runs moka's maintenance
+//! every 16 stores or 50 ms). moka does its bookkeeping (admission, eviction, expiry) in
+//! batches inside cache calls; on the request's thread that is a stall of tens to hundreds
+//! of microseconds now and then, for that request and for every other one on the same
+//! runtime worker. A request that went upstream alone (no flight) stores its answer itself,
+//! as does a leader when the queue is full or there is no thread; a handed-over answer never
+//! replaces a newer one stored that way. Without the thread, a task is spawned only for work
+//! that has to wait: an insert that moka cannot finish at once (its write queue is full)
+//! and the write to the Redis second level. (A task per miss used to do the whole store; on
+//! a multi-threaded runtime it woke another worker for every miss, which cost more than the
+//! store itself.) With no tokio runtime, such an insert is abandoned and counted as not
+//! stored (`no_runtime`).
 //!
 //! Why copy once at store time instead of keeping the frames: a `Bytes` frame from hyper is
 //! a slice of the connection's read buffer, and holding it keeps the whole buffer (8 KiB or
@@ -135,8 +145,8 @@
 //! `u32`. Nothing stored points into a network buffer: bodies and header values are copied
 //! once when stored, so the weight is what the entry really holds. Entries live
 //! for the configured TTL (per entry, through moka's `Expiry`, so `max-age` can shorten it).
-//! moka evicts by TinyLFU past the bound; as moka has no background threads, eviction runs
-//! during cache operations (or [`CacheHandle::run_pending_tasks`]).
+//! moka evicts by TinyLFU past the bound; eviction runs on the store thread, or during cache
+//! operations without it (or in [`CacheHandle::run_pending_tasks`]).
 //!
 //! # Several instances
 //!

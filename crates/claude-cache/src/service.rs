@@ -154,6 +154,12 @@ impl CacheLayer {
         self.with(|c| c.scope = scope)
     }
 
+    /// Sets [`CacheConfig::store_thread`].
+    #[must_use]
+    pub fn store_thread(self, on: bool) -> Self {
+        self.with(|c| c.store_thread = on)
+    }
+
     /// Sets [`CacheConfig::key_ignore_fields`].
     #[must_use]
     pub fn key_ignore_fields<I, F>(self, fields: I) -> Self
@@ -624,7 +630,11 @@ mod tests {
     #[test]
     fn a_miss_is_stored_as_its_body_ends_with_no_task_and_no_runtime() {
         let up = Upstream::default();
-        let svc = Cache::new(up.clone(), CacheConfig::default());
+        let config = CacheConfig {
+            store_thread: false,
+            ..CacheConfig::default()
+        };
+        let svc = Cache::new(up.clone(), config);
         let h = svc.handle();
         assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Miss);
         assert_eq!(
@@ -634,6 +644,44 @@ mod tests {
         );
         assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Hit);
         assert_eq!(up.calls(), 1);
+    }
+
+    #[test]
+    fn the_store_thread_stores_a_miss_and_serves_it_from_the_flight_until_then() {
+        let up = Upstream::default();
+        let svc = Cache::new(up.clone(), CacheConfig::default());
+        let h = svc.handle();
+        assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Miss);
+        // Whether or not the thread has stored it yet, the next request is a hit: from the
+        // flight, or from the cache.
+        assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Hit);
+        assert_eq!(up.calls(), 1);
+        // The thread stores it, with no runtime anywhere, and the flight leaves the map.
+        block_on(h.run_pending_tasks());
+        assert_eq!(h.in_flight(), 0);
+        assert_eq!(h.entry_count(), 1);
+        assert_eq!(h.bytes(), h.weighted_size());
+        assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Hit);
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[test]
+    fn the_store_thread_lets_the_cache_go() {
+        let svc = Cache::new(Upstream::default(), CacheConfig::default());
+        let h = svc.handle();
+        assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Miss);
+        let shared = Arc::downgrade(&h.shared);
+        drop((svc, h));
+        // A queued answer holds the state until it is stored; then nothing does, and with
+        // the state goes the sending side of the queue, which ends the thread.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shared.upgrade().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cache outlives its services"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     #[tokio::test]
