@@ -647,13 +647,13 @@ mod tests {
     }
 
     #[test]
-    fn the_store_thread_stores_a_miss_and_serves_it_from_the_flight_until_then() {
+    fn the_store_thread_stores_a_miss_with_no_runtime_anywhere() {
         let up = Upstream::default();
         let svc = Cache::new(up.clone(), CacheConfig::default());
         let h = svc.handle();
         assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Miss);
         // Whether or not the thread has stored it yet, the next request is a hit: from the
-        // flight, or from the cache.
+        // flight, or from the cache (the flight's part is `flight`'s tests').
         assert_eq!(block_on(status_of(&svc, req(BODY))), CacheStatus::Hit);
         assert_eq!(up.calls(), 1);
         // The thread stores it, with no runtime anywhere, and the flight leaves the map.
