@@ -283,6 +283,20 @@ fn default_key_ring(mock: bool, use_env: bool) -> Result<claude_secrets::KeyRing
     }
 }
 
+/// The upper bounds (seconds) of the buckets of every histogram `/metrics` serves
+/// (`claude_stack_overhead_seconds`, `claude_ratelimit_wait_seconds`): from 100 µs, the
+/// stack's own time on a quiet machine, to a minute, longer than a rate-limit queue waits by
+/// default. Histograms rather than summaries: Prometheus can add histograms' buckets across
+/// gateway instances (summaries' quantiles cannot be added), and a sample costs a bucket
+/// search instead of an insertion into a quantile sketch (BENCHMARKS.md section 11).
+pub const HISTOGRAM_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// How often recorded histogram samples are moved into the histograms `/metrics` serves.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The process-wide Prometheus recorder (metrics recorders are global: one per process,
 /// shared by every gateway started in it). `None` if another recorder was installed first.
 fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
@@ -291,15 +305,18 @@ fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(HISTOGRAM_BUCKETS)
+                .ok()?
                 .install_recorder()
                 .ok()?;
-            // Histograms and summaries need periodic upkeep.
+            // Recorded samples wait in a lock-free queue until an upkeep (or a scrape) moves
+            // them into their histograms: every second, so that each pass is short.
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("prometheus-upkeep".into())
                 .spawn(move || {
                     loop {
-                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        std::thread::sleep(UPKEEP_EVERY);
                         upkeep.run_upkeep();
                     }
                 })

@@ -134,6 +134,19 @@ async fn mock_mode_relays_json_and_sse_and_serves_health() {
     assert_eq!(s, StatusCode::OK);
     let m = String::from_utf8_lossy(&m);
     assert!(m.contains("claude_stack_overhead_seconds"), "{m}");
+    // A histogram with the documented buckets (Prometheus can add those across instances).
+    assert!(
+        m.contains("# TYPE claude_stack_overhead_seconds histogram"),
+        "{m}"
+    );
+    for le in claude_gateway::HISTOGRAM_BUCKETS {
+        assert!(
+            m.contains(&format!(
+                "claude_stack_overhead_seconds_bucket{{le=\"{le}\"}}"
+            )),
+            "bucket {le}: {m}"
+        );
+    }
     assert!(m.contains("claude_cost_requests_total"), "{m}");
     assert!(
         !m.contains("sk-ant-mock-gateway"),
