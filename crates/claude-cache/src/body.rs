@@ -281,6 +281,9 @@ pub(crate) async fn insert(
     rt: Option<tokio::runtime::Handle>,
     direct: bool,
 ) {
+    // Only a second level's write needs a runtime.
+    #[cfg(not(feature = "redis"))]
+    let _ = rt;
     pending.shared.insert(pending.key, entry.clone()).await;
     if direct {
         pending.shared.stored_directly();

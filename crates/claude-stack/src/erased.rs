@@ -18,13 +18,14 @@ use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use claude_core::BoxError;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Empty};
+use pin_project_lite::pin_project;
 use tower::{Service, ServiceExt};
 
 use crate::stack::StackBody;
@@ -86,10 +87,37 @@ where
     B::Error: Into<BoxError>,
 {
     fn call(&self, req: Request<Bytes>) -> StackFuture {
-        let svc = self.0.clone();
-        Box::pin(async move {
-            let resp = svc.oneshot(req).await.map_err(Into::into)?;
-            Ok(resp.map(stack_body))
+        Box::pin(Erase {
+            fut: self.0.clone().oneshot(req),
+        })
+    }
+}
+
+pin_project! {
+    /// A call's future with its response body made a [`StackBody`] and its error boxed. A
+    /// struct rather than an `async` block: the block would keep its captured service and
+    /// request beside the `Oneshot` it moves them into (a generator does not reuse the
+    /// space of its captures), doubling what is boxed and copied on every call.
+    struct Erase<F> {
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F, B, E> Future for Erase<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<StackBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = ready!(self.project().fut.poll(cx));
+        Poll::Ready(match out {
+            Ok(resp) => Ok(resp.map(stack_body)),
+            Err(e) => Err(e.into()),
         })
     }
 }
