@@ -24,7 +24,8 @@
 //!   `/v1/messages/batches*`, `/v1/models`): relayed through the stack. Responses stream
 //!   frame by frame. Callers may speak HTTP/1.1 or HTTP/2 (cleartext with prior knowledge);
 //!   upstream, the stack's client picks its own protocol.
-//! - `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus text).
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus text; histograms with the
+//!   buckets of [`HISTOGRAM_BUCKETS`]).
 //! - `GET /admin/costs`: JSON cost report; needs `authorization: Bearer <admin key>` when an
 //!   admin key is configured, else only loopback callers are served.
 //!
