@@ -143,8 +143,12 @@ impl Shared {
                     guard.publish(e.clone());
                     return Lookup::Hit(e);
                 }
+                // Boxed, and only with a second level: a Redis read's future is large, and
+                // would otherwise make every request's future as large.
                 #[cfg(feature = "redis")]
-                if let Some(e) = self.second_level(&key, max_age).await {
+                if self.l2.is_some()
+                    && let Some(e) = Box::pin(self.second_level(&key, max_age)).await
+                {
                     guard.publish(e.clone());
                     return Lookup::Hit(e);
                 }

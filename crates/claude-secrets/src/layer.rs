@@ -297,7 +297,8 @@ where
     }
     let source = ring.name().to_owned();
     // Refresh even when replay is off, so that the next requests get the new key.
-    let fresh = ring.refresh_after_auth_failure(&key).await;
+    // Boxed: rare, and its future (a fetch) would otherwise make every request's larger.
+    let fresh = Box::pin(ring.refresh_after_auth_failure(&key)).await;
     let (Some(fresh), Some(mut replay)) = (fresh, replay) else {
         metrics::counter!(metric::AUTH_REJECTIONS_TOTAL, "source" => source, "outcome" => "returned")
             .increment(1);

@@ -372,6 +372,13 @@ impl KeyRing {
         if let Some(key) = self.inner.usable(&self.inner.lock(), now) {
             return Ok(key);
         }
+        // Boxed: a fetch's future is large, and without the box every caller's future (one
+        // per request) would be as large as the rare fetch.
+        Box::pin(self.fetch_current()).await
+    }
+
+    /// [`KeyRing::current`] when no usable key is held: one fetch at a time.
+    async fn fetch_current(&self) -> Result<Arc<LoadedKey>, Error> {
         let _fetching = self.inner.fetch_lock.lock().await;
         let trigger = {
             let st = self.inner.lock();
