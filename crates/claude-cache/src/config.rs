@@ -60,7 +60,9 @@ pub struct CacheConfig {
     /// the leader of a flight hands its answer over when its body ends (its followers, and
     /// any request on the same key, are served from the flight until the entry is in the
     /// cache, about a millisecond later). One thread per layer, which ends when the layer and
-    /// its services are dropped. `false` stores and maintains on the requests' own threads.
+    /// its services are dropped. The metrics of stores and evictions are then recorded on that
+    /// thread, so they go to the global `metrics` recorder, not to a thread-local one. `false`
+    /// stores and maintains on the requests' own threads.
     pub store_thread: bool,
 }
 

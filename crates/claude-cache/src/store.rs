@@ -275,8 +275,8 @@ impl CacheHandle {
     /// Stores the answers handed to the store thread so far, then runs moka's pending
     /// maintenance (evictions, expirations, listener calls) now. Without a store thread
     /// ([`CacheConfig::store_thread`]) this otherwise happens during cache operations; with
-    /// one, the thread does it about every millisecond while answers are stored, and every
-    /// 100 ms otherwise.
+    /// one, the thread does it after every 16 answers it stores or 50 ms, whichever comes
+    /// first, and every 100 ms when no answer comes.
     pub async fn run_pending_tasks(&self) {
         if let Some(jobs) = &self.shared.jobs {
             let (tx, rx) = tokio::sync::oneshot::channel();
