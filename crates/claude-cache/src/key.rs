@@ -52,6 +52,8 @@
 //! is hashed: the key hashes its length before it (the layout above, which cannot change
 //! without changing every key), and an object's members can only be ordered once all are
 //! read. The cost is linear in the body; the `cache` bench measures it on a 100 KB request.
+//! Each thread keeps the canonicaliser's buffers between keys (up to 64 KiB each), so a key
+//! of an ordinary request allocates nothing once its thread has made one.
 //!
 //! A body that is not valid JSON (or nests too deeply) has no key: the layer passes such a
 //! request through uncached ([`crate::BypassReason::InvalidBody`]) and the client gets
@@ -165,6 +167,7 @@ impl CacheKey {
             canonical.write(&mut sink);
             sink.flush();
         }
+        Workspace::give_back(canonical);
         Ok(Self(*h.finalize().as_bytes()))
     }
 
@@ -392,6 +395,60 @@ struct Canon<'a> {
     depth: usize,
 }
 
+/// The canonicaliser's buffers, kept by each thread between two keys so that a key costs no
+/// allocation once its thread has made one of about the same size. A buffer that grew past
+/// [`Workspace::KEEP`] (a large request) is freed rather than kept.
+#[derive(Default)]
+struct Workspace {
+    out: Vec<u8>,
+    spans: Vec<Span>,
+    reorders: Vec<Reorder>,
+    members: Vec<Span>,
+    scratch: Vec<u8>,
+}
+
+thread_local! {
+    static SPARE: std::cell::Cell<Option<Workspace>> = const { std::cell::Cell::new(None) };
+}
+
+impl Workspace {
+    /// The most bytes of each buffer a thread keeps.
+    const KEEP: usize = 64 * 1024;
+
+    /// This thread's spare buffers, or new ones.
+    fn take() -> Self {
+        SPARE
+            .try_with(std::cell::Cell::take)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Self {
+                // Room for the members of a few levels of objects at once.
+                spans: Vec::with_capacity(32),
+                ..Self::default()
+            })
+    }
+
+    /// Keeps the buffers of `c` for this thread's next key.
+    fn give_back(c: Canon<'_>) {
+        fn keep<T>(mut v: Vec<T>) -> Vec<T> {
+            v.clear();
+            if v.capacity() * std::mem::size_of::<T>() > Workspace::KEEP {
+                v = Vec::new();
+            }
+            v
+        }
+        let w = Self {
+            out: keep(c.out),
+            spans: keep(c.spans),
+            reorders: keep(c.reorders),
+            members: keep(c.members),
+            scratch: keep(c.scratch),
+        };
+        // During thread teardown there is nowhere to keep them: they are dropped.
+        let _ = SPARE.try_with(|s| s.set(Some(w)));
+    }
+}
+
 /// The largest object (in canonical bytes) put in order in place, by a copy to the scratch
 /// buffer and back; a larger one is recorded and put in order as it is hashed. Measured on
 /// 100 KB requests in SDK order: copying small objects costs less than recording them,
@@ -402,16 +459,23 @@ const REORDER_IN_PLACE: usize = 8192;
 impl<'a> Canon<'a> {
     /// Parses `input` (see [`canonical_json`]).
     fn run<S: AsRef<str>>(input: &'a [u8], ignore: &[S]) -> Result<Self, KeyError> {
+        let Workspace {
+            mut out,
+            spans,
+            reorders,
+            members,
+            scratch,
+        } = Workspace::take();
+        out.reserve(input.len());
         let mut c = Canon {
             src: input,
             pos: 0,
-            out: Vec::with_capacity(input.len()),
-            // Room for the members of a few levels of objects at once.
-            spans: Vec::with_capacity(32),
-            reorders: Vec::new(),
-            members: Vec::new(),
+            out,
+            spans,
+            reorders,
+            members,
             removed: 0,
-            scratch: Vec::new(),
+            scratch,
             depth: 0,
         };
         c.skip_ws();
@@ -1027,6 +1091,34 @@ mod tests {
 
     fn key(req: &Request<Bytes>) -> CacheKey {
         CacheKey::for_request(req, &CacheConfig::default()).unwrap()
+    }
+
+    /// The canonicaliser keeps its buffers per thread between keys: what one key leaves in
+    /// them (a large reordered object, an ignored member, a failed parse, a buffer past what
+    /// is kept) never changes the next key.
+    #[test]
+    fn a_key_is_the_same_whatever_came_before_it_on_the_thread() {
+        let (fresh, canonical) = std::thread::spawn(|| {
+            (
+                key(&request(BODY)),
+                canonical_json(BODY.as_bytes(), &["metadata"]).unwrap(),
+            )
+        })
+        .join()
+        .unwrap();
+        let large: &'static str = format!(
+            r#"{{"z":[{{"b":1,"a":"{}"}}],"metadata":{{"user_id":"u"}},"a":{{"y":2,"x":1}}}}"#,
+            "x".repeat(100_000)
+        )
+        .leak();
+        for before in [large, r#"{"b":1,"a":"#, r#"{"b":{"d":1,"c":2},"a":[3]}"#] {
+            let _ = CacheKey::for_request(&request(before), &CacheConfig::default());
+            assert_eq!(key(&request(BODY)), fresh, "after {before:.40}");
+            assert_eq!(
+                canonical_json(BODY.as_bytes(), &["metadata"]).unwrap(),
+                canonical
+            );
+        }
     }
 
     #[test]

@@ -128,12 +128,22 @@ impl Base {
     }
 
     fn join(&self, uri: &Uri) -> Result<Uri, Error> {
-        let pq = uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let full = format!("{}{}", self.prefix, pq);
+        // Without a prefix the request's own path and query go as they are (a clone shares
+        // their bytes: no new string, no second parse).
+        let pq = match (self.prefix.is_empty(), uri.path_and_query()) {
+            (true, Some(pq)) => pq.clone(),
+            (_, pq) => {
+                let pq = pq.map_or("/", PathAndQuery::as_str);
+                PathAndQuery::try_from(format!("{}{}", self.prefix, pq)).map_err(|e| {
+                    Error::new(ErrorKind::InvalidRequest, "request path is not valid")
+                        .with_source(e)
+                })?
+            }
+        };
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(full)
+            .path_and_query(pq)
             .build()
             .map_err(|e| {
                 Error::new(ErrorKind::InvalidRequest, "request path is not valid").with_source(e)
@@ -398,6 +408,15 @@ mod tests {
             .join(&"http://elsewhere/v1/models".parse().unwrap())
             .unwrap();
         assert_eq!(u.to_string(), "http://127.0.0.1:8788/v1/models");
+        // No prefix: the path and query are kept as they are; an origin-form without a path
+        // gets `/`.
+        let u = b.join(&"/v1/messages?beta=true".parse().unwrap()).unwrap();
+        assert_eq!(u.to_string(), "http://127.0.0.1:8788/v1/messages?beta=true");
+        let u = b.join(&"http://elsewhere".parse().unwrap()).unwrap();
+        assert_eq!(u.to_string(), "http://127.0.0.1:8788/");
+        let b = Base::parse("http://127.0.0.1:8788/p").unwrap();
+        let u = b.join(&"http://elsewhere".parse().unwrap()).unwrap();
+        assert_eq!(u.to_string(), "http://127.0.0.1:8788/p/");
     }
 
     #[test]
