@@ -10,7 +10,9 @@
 //! `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`,
 //! `gen_ai.usage.cache_creation_input_tokens`, `gen_ai.usage.cache_read_input_tokens`,
 //! `claude.attempts`, `claude.cache_hit`, `claude.overhead_us`, and `error.type` on failure.
-//! The span stays open until the response body ends (usage is known then). The prompt and
+//! The span stays open until the response body ends (usage is known then). When no
+//! subscriber takes the span (filtered out, or none installed), the body is not scanned for
+//! it and passes on as the layers below made it. The prompt and
 //! the answer are never recorded; request headers that carry keys are marked sensitive
 //! before anything below can log them.
 //!
@@ -138,6 +140,9 @@ impl Service<Request<Bytes>> for Observe<StackService> {
             claude.overhead_us = Empty,
             error.type = Empty,
         );
+        // Whether a subscriber takes this span (read here: inside the future, the current
+        // span is an enclosing one when this one is filtered out).
+        let recording = !span.is_disabled();
         let fut = self.inner.call(req);
         Box::pin(
             async move {
@@ -172,6 +177,12 @@ impl Service<Request<Bytes>> for Observe<StackService> {
                 let t = record_overhead(&span, elapsed, &timings, retry_waits);
                 let mut resp = resp;
                 resp.extensions_mut().insert(t);
+                if !recording {
+                    // No subscriber wants this span (the gateway binary's default filter
+                    // leaves it out): there is no usage to record in it, and the body goes
+                    // on as it is, not wrapped and boxed once more for every frame.
+                    return Ok(resp);
+                }
                 let (resp, usage) = observe_usage(resp);
                 let span_for_usage = span.clone();
                 usage.on_complete(move |r| {

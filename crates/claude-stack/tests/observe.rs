@@ -98,3 +98,53 @@ fn span_has_gen_ai_fields_and_usage_but_no_prompt_and_overhead_is_recorded() {
 fn ordered_float_inner<F: Into<f64>>(x: F) -> f64 {
     x.into()
 }
+
+/// With the span filtered out (as the gateway binary's default filter does), the response is
+/// passed on as the layers below made it: the whole body, the timings, the overhead sample.
+#[test]
+fn with_the_span_filtered_out_the_answer_timings_and_overhead_are_unchanged() {
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::sink)
+        .finish();
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _t = tracing::subscriber::set_default(subscriber);
+    let _m = metrics::set_default_local_recorder(&recorder);
+    let (body, timings) = rt.block_on(async {
+        let mock = MockServer::start().await.unwrap();
+        let config: StackConfig =
+            toml::from_str(&format!("[client]\nbase_url = \"{}\"\n", mock.url())).unwrap();
+        let svc = ClaudeStack::new(config).unwrap().client().unwrap();
+        let req = Request::post("/v1/messages")
+            .header("x-mock-usage", "input=42,output=7")
+            .body(Bytes::from_static(
+                br#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#,
+            ))
+            .unwrap();
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let timings = resp
+            .extensions()
+            .get::<claude_stack::StackTimings>()
+            .cloned();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        mock.shutdown().await;
+        (body, timings)
+    });
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["usage"]["input_tokens"], 42, "{v}");
+    assert_eq!(v["usage"]["output_tokens"], 7, "{v}");
+    assert!(timings.is_some(), "the timings are on the response");
+    let samples = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| k.key().name() == OVERHEAD_SECONDS)
+        .count();
+    assert_eq!(samples, 1, "the overhead is recorded");
+}
