@@ -27,6 +27,64 @@ impl Write for Buf {
     }
 }
 
+/// One request through a stack in front of a fresh mock, with `subscriber` and a local
+/// metrics recorder: the status, the response's timings, the body, and the overhead samples.
+fn one_request(
+    subscriber: impl tracing::Subscriber + Send + Sync + 'static,
+    req: Request<Bytes>,
+) -> (
+    http::StatusCode,
+    Option<claude_stack::StackTimings>,
+    Bytes,
+    Vec<f64>,
+) {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _t = tracing::subscriber::set_default(subscriber);
+    let _m = metrics::set_default_local_recorder(&recorder);
+    let (status, timings, body) = rt.block_on(async {
+        let mock = MockServer::start().await.unwrap();
+        let config: StackConfig =
+            toml::from_str(&format!("[client]\nbase_url = \"{}\"\n", mock.url())).unwrap();
+        let svc = ClaudeStack::new(config).unwrap().client().unwrap();
+        let resp = svc.oneshot(req).await.unwrap();
+        let timings = resp
+            .extensions()
+            .get::<claude_stack::StackTimings>()
+            .copied();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        mock.shutdown().await;
+        (status, timings, body)
+    });
+    let overhead = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| k.key().name() == OVERHEAD_SECONDS)
+        .flat_map(|(.., v)| match v {
+            DebugValue::Histogram(h) => h.into_iter().map(ordered_float_inner).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    (status, timings, body, overhead)
+}
+
+fn request(prompt: &'static str) -> Request<Bytes> {
+    let body = format!(
+        r#"{{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+    );
+    Request::post("/v1/messages")
+        .header("x-mock-usage", "input=42,output=7")
+        .header("x-api-key", "sk-ant-caller-key-should-not-leak")
+        .body(Bytes::from(body))
+        .unwrap()
+}
+
 #[test]
 fn span_has_gen_ai_fields_and_usage_but_no_prompt_and_overhead_is_recorded() {
     let buf = Buf::default();
@@ -37,31 +95,8 @@ fn span_has_gen_ai_fields_and_usage_but_no_prompt_and_overhead_is_recorded() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _t = tracing::subscriber::set_default(subscriber);
-    let _m = metrics::set_default_local_recorder(&recorder);
-    rt.block_on(async {
-        let mock = MockServer::start().await.unwrap();
-        let config: StackConfig =
-            toml::from_str(&format!("[client]\nbase_url = \"{}\"\n", mock.url())).unwrap();
-        let svc = ClaudeStack::new(config).unwrap().client().unwrap();
-        let req = Request::post("/v1/messages")
-            .header("x-mock-usage", "input=42,output=7")
-            .header("x-api-key", "sk-ant-caller-key-should-not-leak")
-            .body(Bytes::from_static(
-                br#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"TOP-SECRET-PROMPT"}]}"#,
-            ))
-            .unwrap();
-        let resp = svc.oneshot(req).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        let _ = resp.into_body().collect().await.unwrap();
-        mock.shutdown().await;
-    });
+    let (status, _, _, hist) = one_request(subscriber, request("TOP-SECRET-PROMPT"));
+    assert_eq!(status, 200);
     let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("gen_ai.request"), "{logs}");
     assert!(logs.contains("gen_ai.system=\"anthropic\""), "{logs}");
@@ -80,23 +115,8 @@ fn span_has_gen_ai_fields_and_usage_but_no_prompt_and_overhead_is_recorded() {
         !logs.contains("sk-ant-caller-key"),
         "keys must never be logged"
     );
-
-    let hist: Vec<f64> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(k, ..)| k.key().name() == OVERHEAD_SECONDS)
-        .flat_map(|(.., v)| match v {
-            DebugValue::Histogram(h) => h.into_iter().map(ordered_float_inner).collect(),
-            _ => Vec::new(),
-        })
-        .collect();
     assert_eq!(hist.len(), 1, "one overhead sample per request");
     assert!(hist[0] >= 0.0 && hist[0].is_finite());
-}
-
-fn ordered_float_inner<F: Into<f64>>(x: F) -> f64 {
-    x.into()
 }
 
 /// With the span filtered out (as the gateway binary's default filter does), the response is
@@ -107,44 +127,15 @@ fn with_the_span_filtered_out_the_answer_timings_and_overhead_are_unchanged() {
         .with_max_level(tracing::Level::WARN)
         .with_writer(std::io::sink)
         .finish();
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _t = tracing::subscriber::set_default(subscriber);
-    let _m = metrics::set_default_local_recorder(&recorder);
-    let (body, timings) = rt.block_on(async {
-        let mock = MockServer::start().await.unwrap();
-        let config: StackConfig =
-            toml::from_str(&format!("[client]\nbase_url = \"{}\"\n", mock.url())).unwrap();
-        let svc = ClaudeStack::new(config).unwrap().client().unwrap();
-        let req = Request::post("/v1/messages")
-            .header("x-mock-usage", "input=42,output=7")
-            .body(Bytes::from_static(
-                br#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#,
-            ))
-            .unwrap();
-        let resp = svc.oneshot(req).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        let timings = resp
-            .extensions()
-            .get::<claude_stack::StackTimings>()
-            .cloned();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        mock.shutdown().await;
-        (body, timings)
-    });
+    let (status, timings, body, hist) = one_request(subscriber, request("hi"));
+    assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["usage"]["input_tokens"], 42, "{v}");
     assert_eq!(v["usage"]["output_tokens"], 7, "{v}");
     assert!(timings.is_some(), "the timings are on the response");
-    let samples = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(k, ..)| k.key().name() == OVERHEAD_SECONDS)
-        .count();
-    assert_eq!(samples, 1, "the overhead is recorded");
+    assert_eq!(hist.len(), 1, "the overhead is recorded");
+}
+
+fn ordered_float_inner<F: Into<f64>>(x: F) -> f64 {
+    x.into()
 }
