@@ -384,7 +384,8 @@ impl Report<'_> {
                             (q(b, 0.99) as f64 - q(a, 0.99) as f64) / 1e6
                         )
                     });
-                    let below = if failed_at(self.rows, Scenario::Proxy, shape).is_none() {
+                    let capped = failed_at(self.rows, Scenario::Proxy, shape).is_none();
+                    let below = if capped {
                         " ((b) never failed: this rate may be below half its highest)"
                     } else {
                         ""
@@ -396,11 +397,7 @@ impl Report<'_> {
                             ms(q(a, 0.99)),
                             ms(q(c, 0.99))
                         ),
-                        if added <= 1.0 && c.sustained {
-                            "yes"
-                        } else {
-                            "no"
-                        },
+                        latency_verdict(added <= 1.0 && c.sustained, capped),
                     )
                 }
                 _ => ("not run ((b) sustained no rate)".into(), "n/a"),
@@ -411,6 +408,16 @@ impl Report<'_> {
                 shape.label()
             );
         }
+    }
+}
+
+/// The latency target's verdict: a pass at a rate that may be below half (b)'s highest
+/// (`capped`: (b) never failed) does not establish it.
+fn latency_verdict(pass: bool, capped: bool) -> &'static str {
+    match (pass, capped) {
+        (false, _) => "no",
+        (true, false) => "yes",
+        (true, true) => "not established: (b) never failed; add higher `--rates`",
     }
 }
 
@@ -509,7 +516,7 @@ pub(crate) fn soak_markdown(
 
 #[cfg(test)]
 mod tests {
-    use super::throughput_verdict;
+    use super::{latency_verdict, throughput_verdict};
 
     #[test]
     fn a_ratio_against_a_proxy_that_never_failed_cannot_pass() {
@@ -519,5 +526,13 @@ mod tests {
         assert!(met.starts_with("not established"), "{met}");
         assert!(cell.contains("≥ 24000") && cell.contains("≤ 83%"), "{cell}");
         assert_eq!(throughput_verdict(24_000, 16_000, true).1, "no");
+    }
+
+    #[test]
+    fn a_latency_pass_below_half_an_unknown_rate_is_not_established() {
+        assert_eq!(latency_verdict(true, false), "yes");
+        assert_eq!(latency_verdict(false, false), "no");
+        assert_eq!(latency_verdict(false, true), "no");
+        assert!(latency_verdict(true, true).starts_with("not established"));
     }
 }
