@@ -187,8 +187,18 @@ async fn ten_thousand_requests_with_faults_end_exactly_once_and_costs_match() {
         costs.cache_read_tokens,
         served.usage.cache_read_input_tokens
     );
-    // 16% of requests needed exactly one retry.
+    // 16% of requests need exactly one retry (the 429, 529, 500 and reset faults). The only
+    // others allowed are the streams that fail after two events: when their error event
+    // reaches the retry layer in the same read as the first event (the mock's writes were
+    // coalesced), the caller has seen nothing yet and the layer may retry (claude-retry's
+    // first-event peek; at most `max_retries`, 2, each). How often depends on timing: one
+    // such retry showed up in 1 of 4 CI runs.
     let retried = (0..N).filter(|i| i % 25 < 4).count() as u64;
-    assert_eq!(summary.retries, retried);
-    assert_eq!(served.requests, N + retried);
+    assert!(
+        (retried..=retried + 2 * streams_after).contains(&summary.retries),
+        "{} retries, expected {retried} (+ at most {} for early stream errors)",
+        summary.retries,
+        2 * streams_after
+    );
+    assert_eq!(served.requests, N + summary.retries);
 }
