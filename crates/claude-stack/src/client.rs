@@ -128,26 +128,21 @@ impl Base {
     }
 
     fn join(&self, uri: &Uri) -> Result<Uri, Error> {
+        let b = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone());
         // Without a prefix the request's own path and query go as they are (a clone shares
         // their bytes: no new string, no second parse).
-        let pq = match (self.prefix.is_empty(), uri.path_and_query()) {
-            (true, Some(pq)) => pq.clone(),
+        let b = match (self.prefix.is_empty(), uri.path_and_query()) {
+            (true, Some(pq)) => b.path_and_query(pq.clone()),
             (_, pq) => {
                 let pq = pq.map_or("/", PathAndQuery::as_str);
-                PathAndQuery::try_from(format!("{}{}", self.prefix, pq)).map_err(|e| {
-                    Error::new(ErrorKind::InvalidRequest, "request path is not valid")
-                        .with_source(e)
-                })?
+                b.path_and_query(format!("{}{}", self.prefix, pq))
             }
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| {
-                Error::new(ErrorKind::InvalidRequest, "request path is not valid").with_source(e)
-            })
+        b.build().map_err(|e| {
+            Error::new(ErrorKind::InvalidRequest, "request path is not valid").with_source(e)
+        })
     }
 }
 
