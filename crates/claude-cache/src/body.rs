@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
-use claude_core::{UsageBody, UsageHandle, UsageReport};
+use claude_core::{BodyFormat, UsageBody, UsageHandle, UsageReport};
+use http::header::CONTENT_TYPE;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -169,6 +170,9 @@ pub(crate) struct Pending {
     pub(crate) max: usize,
 }
 
+/// The frames a teed event stream has room for before its list grows (256 bytes).
+const SSE_FRAMES: usize = 32;
+
 /// The copy of a miss's frames on their way to the caller.
 #[derive(Debug)]
 pub(crate) struct Tee {
@@ -182,12 +186,17 @@ pub(crate) struct Tee {
 
 impl Tee {
     pub(crate) fn new(pending: Pending, head: Head, usage: UsageHandle) -> Self {
+        // An event stream comes in many frames (a short answer already has about 20): room
+        // for them up front instead of four reallocations on the way; a JSON answer comes
+        // in one or a few.
+        let sse = BodyFormat::from_content_type(head.headers.get(CONTENT_TYPE)) == BodyFormat::Sse;
+        let frames = Vec::with_capacity(if sse { SSE_FRAMES } else { 4 });
         Self {
             max: pending.max,
             pending: Some(pending),
             head,
             usage,
-            frames: Vec::new(),
+            frames,
             len: 0,
         }
     }
