@@ -369,6 +369,9 @@ pub(crate) struct Plan {
     pub(crate) p99_bound: Duration,
     pub(crate) shapes: Vec<Shape>,
     pub(crate) output_tokens: u64,
+    /// Halvings of the gap between the last sustained rate and the first failed one (see
+    /// [`report::between`]).
+    pub(crate) refine: usize,
 }
 
 impl Plan {
@@ -400,13 +403,14 @@ impl Plan {
             p99_bound: Duration::from_secs_f64(args.p99_bound_ms / 1000.0),
             shapes: args.shapes.clone(),
             output_tokens: args.output_tokens,
+            refine: if args.quick { 1 } else { 2 },
         }
     }
 
     /// An upper bound of the run's length, for the children's own deadline.
     fn lifetime(&self) -> Duration {
         let per = self.step + self.warmup + Duration::from_secs(6);
-        let steps = (self.rates.len() * 2 + 2) * 3 * self.shapes.len();
+        let steps = (self.rates.len() * 2 + 2 + self.refine * 2) * 3 * self.shapes.len();
         per * steps as u32 + Duration::from_secs(120)
     }
 }
@@ -592,6 +596,36 @@ fn ladder(args: &Args) -> Result<(), String> {
         }
         if alive.is_empty() {
             break;
+        }
+    }
+
+    // Between the ladder's rungs: the highest sustained rate of the proxy and of the gateway
+    // is narrowed by halving the gap between the last rate each sustained and the first it
+    // failed at, so that their ratio is not a ratio of rungs.
+    for &shape in &plan.shapes {
+        for &kind in kinds.iter().filter(|&&k| k != Scenario::Mock) {
+            let (Some(mut lo), Some(mut hi)) = (
+                report::highest(&rows, kind, shape),
+                report::failed_at(&rows, kind, shape),
+            ) else {
+                continue;
+            };
+            for _ in 0..plan.refine {
+                let Some(mid) = report::between(lo, hi) else {
+                    break;
+                };
+                let mut row = runner.step(&servers, &plan, kind, shape, mid, plan.step)?;
+                if !row.sustained {
+                    eprintln!("  (not sustained; trying the step once more)");
+                    row = runner.step(&servers, &plan, kind, shape, mid, plan.step)?;
+                }
+                if row.sustained {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+                rows.push(row);
+            }
         }
     }
 

@@ -64,22 +64,26 @@ pub(crate) fn highest(rows: &[Row], kind: Scenario, shape: Shape) -> Option<u64>
         .max()
 }
 
-/// The first rate `kind` failed at with `shape` (after its retry).
-fn failed_at(rows: &[Row], kind: Scenario, shape: Shape) -> Option<u64> {
+/// The lowest rate `kind` failed at with `shape` (after its retry): the ladder's first
+/// failure, or a lower rate that failed while the gap below it was narrowed.
+pub(crate) fn failed_at(rows: &[Row], kind: Scenario, shape: Shape) -> Option<u64> {
     // A failed step is retried once: a rate counts as failed when its last row failed.
-    let mut rates: Vec<u64> = rows
-        .iter()
+    rows.iter()
         .filter(|r| r.kind == kind && r.shape == shape)
         .map(|r| r.rate)
-        .collect();
-    rates.dedup();
-    rates.into_iter().find(|&rate| {
-        rows.iter()
-            .rev()
-            .find(|r| r.kind == kind && r.shape == shape && r.rate == rate)
-            .is_some_and(|r| !r.sustained)
-    })
+        .filter(|&rate| last_row(rows, kind, shape, rate).is_some_and(|r| !r.sustained))
+        .min()
 }
+
+/// The rate halfway between a sustained rate `lo` and a failed rate `hi`, rounded down to a
+/// multiple of [`REFINE_UNIT`]; `None` when no such rate lies strictly between them.
+pub(crate) fn between(lo: u64, hi: u64) -> Option<u64> {
+    let mid = u64::midpoint(lo, hi) / REFINE_UNIT * REFINE_UNIT;
+    (mid > lo && mid < hi).then_some(mid)
+}
+
+/// The finest step (req/s) by which a highest sustained rate is narrowed.
+pub(crate) const REFINE_UNIT: u64 = 500;
 
 /// The last row of `kind` at `rate` (the retry, when there was one).
 fn last_row(rows: &[Row], kind: Scenario, shape: Shape, rate: u64) -> Option<&Row> {
@@ -516,7 +520,66 @@ pub(crate) fn soak_markdown(
 
 #[cfg(test)]
 mod tests {
-    use super::{latency_verdict, throughput_verdict};
+    use super::{between, failed_at, highest, latency_verdict, throughput_verdict};
+    use crate::load::{Outcome, Shape, histogram};
+    use crate::{Row, Scenario};
+
+    fn row(rate: u64, sustained: bool) -> Row {
+        Row {
+            kind: Scenario::Gateway,
+            shape: Shape::Json,
+            rate,
+            outcome: Outcome {
+                latency: histogram(),
+                pacer_lag: histogram(),
+                ok: 1,
+                errors: 0,
+                dropped: 0,
+                completed_total: 1,
+                achieved: rate as f64,
+                first_error: None,
+            },
+            cpu_us: (None, 0.0),
+            generator_cpu_us: 0.0,
+            switches: 0.0,
+            sustained,
+        }
+    }
+
+    #[test]
+    fn the_gap_between_rungs_is_halved_to_a_multiple_of_500() {
+        assert_eq!(between(20_000, 24_000), Some(22_000));
+        assert_eq!(between(22_000, 24_000), Some(23_000));
+        assert_eq!(between(4_000, 6_000), Some(5_000));
+        assert_eq!(between(5_000, 6_000), Some(5_500));
+        assert_eq!(between(5_500, 6_000), None);
+        assert_eq!(between(23_000, 24_000), Some(23_500));
+        assert_eq!(between(500, 1_000), None);
+    }
+
+    #[test]
+    fn a_narrowed_rate_replaces_the_rungs_in_the_highest_and_the_failure() {
+        // The ladder: 20,000 sustained, 24,000 failed twice; then 22,000 sustained and
+        // 23,000 failed once and passed on its retry, so 23,000 counts as sustained.
+        let rows = vec![
+            row(16_000, true),
+            row(20_000, true),
+            row(24_000, false),
+            row(24_000, false),
+            row(22_000, true),
+            row(23_000, false),
+            row(23_000, true),
+        ];
+        let (kind, shape) = (Scenario::Gateway, Shape::Json);
+        assert_eq!(highest(&rows, kind, shape), Some(23_000));
+        assert_eq!(failed_at(&rows, kind, shape), Some(24_000));
+        // A narrowed rate that failed is the lowest failure.
+        let mut rows = rows;
+        rows.push(row(23_500, false));
+        rows.push(row(23_500, false));
+        assert_eq!(failed_at(&rows, kind, shape), Some(23_500));
+        assert_eq!(highest(&rows, kind, shape), Some(23_000));
+    }
 
     #[test]
     fn a_ratio_against_a_proxy_that_never_failed_cannot_pass() {
