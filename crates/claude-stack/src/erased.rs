@@ -58,6 +58,24 @@ impl StackService {
     }
 }
 
+impl StackService {
+    /// Erases a service that is always ready and whose future already is a [`StackFuture`]
+    /// (the observe layer over a `StackService`): its calls are made directly, without a
+    /// `poll_ready` and without boxing its boxed future once more.
+    pub(crate) fn direct<S>(inner: S) -> Self
+    where
+        S: AlwaysReady + Clone + Send + Sync + 'static,
+    {
+        Self(Arc::new(Direct(inner)))
+    }
+}
+
+/// A service whose `poll_ready` is always ready, so that a call needs no `poll_ready` first.
+pub(crate) trait AlwaysReady:
+    Service<Request<Bytes>, Response = Response<StackBody>, Error = BoxError, Future = StackFuture>
+{
+}
+
 impl Service<Request<Bytes>> for StackService {
     type Response = Response<StackBody>;
     type Error = BoxError;
@@ -90,6 +108,17 @@ where
         Box::pin(Erase {
             fut: self.0.clone().oneshot(req),
         })
+    }
+}
+
+struct Direct<S>(S);
+
+impl<S> Call for Direct<S>
+where
+    S: AlwaysReady + Clone + Send + Sync + 'static,
+{
+    fn call(&self, req: Request<Bytes>) -> StackFuture {
+        self.0.clone().call(req)
     }
 }
 

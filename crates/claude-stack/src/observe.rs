@@ -94,6 +94,9 @@ pub(crate) struct Observe<S> {
     inner: S,
 }
 
+/// Ready when the `StackService` below is, which is always.
+impl crate::erased::AlwaysReady for Observe<StackService> {}
+
 impl Service<Request<Bytes>> for Observe<StackService> {
     type Response = Response<StackBody>;
     type Error = BoxError;

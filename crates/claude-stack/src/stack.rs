@@ -18,10 +18,12 @@
 //!    layer (a rotated key costs no retry).
 //! 7. the HTTP client (or any service you pass).
 //!
-//! Layers that are switched off are simply absent. So that optional layers compose, each
-//! present layer is erased to one [`StackService`] type: its clones share one allocation, each
-//! call boxes its future, and its response body is boxed once unless the layer passes its
-//! inner body through.
+//! Layers that are switched off are simply absent. So that optional layers compose, the
+//! present layers are erased to one [`StackService`] type in four groups (the limiter with
+//! the key layer and the client; retry with the timeout; cost with the cache; observe): its
+//! clones share one allocation, each call boxes the group's future (observe's is boxed
+//! already and is not boxed again), and the group's response body is boxed once unless it
+//! passes its inner body through.
 
 use std::time::Duration;
 
@@ -41,7 +43,7 @@ use tower::{Layer, Service};
 
 use crate::client::{ClientConfig, HttpClient};
 pub use crate::erased::StackService;
-use crate::observe::{ObserveLayer, Probe};
+use crate::observe::{ObserveLayer, Probe, Probed};
 use crate::shared::{RedisOnFailure, RedisUrl};
 use crate::toggle::Toggle;
 
@@ -235,15 +237,14 @@ impl ClaudeStack {
         // Layers that are on together are composed as they are and erased once: every erasure
         // costs each call a boxed future.
         let upstream = Probe::Upstream.layer(inner);
-        let mut svc = match &self.api_key {
-            Some(keys) => StackService::new(keys.layer(upstream)),
-            None => StackService::new(upstream),
+        let mut svc = match (&self.rate_limit, &self.api_key) {
+            (Some(limiter), Some(keys)) => {
+                StackService::new(limited(limiter, keys.layer(upstream)))
+            }
+            (Some(limiter), None) => StackService::new(limited(limiter, upstream)),
+            (None, Some(keys)) => StackService::new(keys.layer(upstream)),
+            (None, None) => StackService::new(upstream),
         };
-        if let Some(limiter) = &self.rate_limit {
-            // The probes around the limiter measure queueing, which is not overhead.
-            let limited = limiter.layer(Probe::LimiterPass.layer(svc));
-            svc = StackService::new(Probe::LimiterEnter.layer(limited));
-        }
         let timeout = self
             .config
             .attempt_timeout
@@ -262,7 +263,8 @@ impl ClaudeStack {
             (None, Some(cache)) => wrap(svc, cache.clone()),
             (None, None) => svc,
         };
-        StackService::new(ObserveLayer.layer(svc))
+        // Its future is boxed already: erased without another box.
+        StackService::direct(ObserveLayer.layer(svc))
     }
 
     /// The stack around an [`HttpClient`] built from the `client` section.
@@ -299,6 +301,18 @@ impl Redis {
             budgets: budgets.policy(on_failure),
         })
     }
+}
+
+/// The limiter around `svc`, between the probes that measure its queueing (which is not
+/// overhead).
+fn limited<S>(
+    limiter: &RateLimitLayer,
+    svc: S,
+) -> Probed<<RateLimitLayer as Layer<Probed<S>>>::Service>
+where
+    RateLimitLayer: Layer<Probed<S>>,
+{
+    Probe::LimiterEnter.layer(limiter.layer(Probe::LimiterPass.layer(svc)))
 }
 
 /// Applies `layer` around an erased stack and erases the result.
