@@ -1,14 +1,14 @@
 //! Single-flight: concurrent identical misses go upstream once.
 //!
-//! The first miss on a key becomes the leader and registers a flight (a `watch` channel) in
-//! the in-flight map; later misses on the same key follow it and wait. The leader's
+//! The first miss on a key becomes the leader and registers a flight (a [`Cell`]) in the
+//! in-flight map; later misses on the same key follow it and wait. The leader's
 //! [`FlightGuard`] has two ways out:
 //!
 //! - [`FlightGuard::publish`]: the answer was stored; followers wake up and serve it as a
 //!   hit.
 //! - drop without publishing (upstream failed, the answer is not cacheable, the caller
-//!   dropped the future or the body): the channel closes, and every follower goes upstream
-//!   by itself at once.
+//!   dropped the future or the body): the flight is released, and every follower goes
+//!   upstream by itself at once.
 //!
 //! Either way the guard's `Drop` removes the flight from the map, so nothing leaks whatever
 //! path a request takes. A flight whose answer completed stays in the map until its entry is
@@ -23,12 +23,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::watch;
+use event_listener::Event;
 
 use crate::entry::Entry;
 use crate::key::CacheKey;
 
-/// The state of one flight. A released flight is a closed channel.
+/// The state of one flight.
 #[derive(Debug, Clone)]
 pub(crate) enum Flight {
     /// The leader is upstream.
@@ -37,6 +37,52 @@ pub(crate) enum Flight {
     Storing,
     /// The leader's answer, stored or about to be inserted.
     Stored(Arc<Entry>),
+    /// The leader went without an answer to share: followers go upstream themselves.
+    Released,
+}
+
+/// One flight: its state, and the followers waiting for it to change. Not a `watch`
+/// channel: that notifies eight lists of waiters on every change, and almost every flight
+/// has no follower at all; an [`Event`] nobody listened to costs nothing to notify.
+#[derive(Debug)]
+pub(crate) struct Cell {
+    state: Mutex<Flight>,
+    changed: Event,
+}
+
+impl Cell {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(Flight::Pending),
+            changed: Event::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Flight> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_pending(&self) -> bool {
+        matches!(*self.state(), Flight::Pending)
+    }
+
+    /// Sets the state and wakes every follower.
+    fn set(&self, f: Flight) {
+        *self.state() = f;
+        self.wake();
+    }
+
+    /// Wakes the followers waiting for a change of state (made before this call).
+    ///
+    /// Only when there are any: notifying an `Event` allocates its list of listeners if
+    /// nobody has listened yet. No follower is missed: a follower listens before it reads
+    /// the state under the lock, so one that read the state before the change (and is
+    /// about to wait) was counted before the change took the lock.
+    fn wake(&self) {
+        if self.changed.total_listeners() > 0 {
+            self.changed.notify(usize::MAX);
+        }
+    }
 }
 
 type Shard = Mutex<ShardMap>;
@@ -44,7 +90,7 @@ type Shard = Mutex<ShardMap>;
 /// One shard of the in-flight map.
 #[derive(Debug, Default)]
 pub(crate) struct ShardMap {
-    flights: HashMap<CacheKey, (u64, watch::Receiver<Flight>)>,
+    flights: HashMap<CacheKey, (u64, Arc<Cell>)>,
     /// Entries stored in the cache under this shard's keys so far (see [`Flights::stored`]).
     stored: u64,
 }
@@ -80,7 +126,7 @@ pub(crate) enum Role {
     /// (when not, a cache read made after that `Seen` is still up to date for this key).
     Leader(FlightGuard, bool),
     /// Wait for the leader.
-    Follower(watch::Receiver<Flight>),
+    Follower(Arc<Cell>),
 }
 
 impl Flights {
@@ -94,15 +140,15 @@ impl Flights {
 
     /// The flight on `key`, if its answer has completed (it is being stored, or stored), and
     /// the shard's count of stored entries as of now.
-    pub(crate) fn completed(&self, key: &CacheKey) -> (Option<watch::Receiver<Flight>>, Seen) {
+    pub(crate) fn completed(&self, key: &CacheKey) -> (Option<Arc<Cell>>, Seen) {
         let shard = self.shard(key);
         let seen = Seen(shard.stored);
-        let rx = shard
+        let cell = shard
             .flights
             .get(key)
-            .filter(|(_, rx)| !matches!(*rx.borrow(), Flight::Pending))
-            .map(|(_, rx)| rx.clone());
-        (rx, seen)
+            .filter(|(_, cell)| !cell.is_pending())
+            .map(|(_, cell)| cell.clone());
+        (cell, seen)
     }
 
     /// Joins the flight on `key`, or starts one. `seen` is what an earlier
@@ -113,21 +159,21 @@ impl Flights {
     /// answer, then leaves the new flight in the map).
     pub(crate) fn join(self: &Arc<Self>, key: CacheKey, seen: Seen, refresh: bool) -> Role {
         let mut shard = self.shard(&key);
-        if let Some((_, rx)) = shard.flights.get(&key)
-            && (!refresh || matches!(*rx.borrow(), Flight::Pending))
+        if let Some((_, cell)) = shard.flights.get(&key)
+            && (!refresh || cell.is_pending())
         {
-            return Role::Follower(rx.clone());
+            return Role::Follower(cell.clone());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(Flight::Pending);
-        shard.flights.insert(key, (id, rx));
+        let cell = Arc::new(Cell::new());
+        shard.flights.insert(key, (id, cell.clone()));
         let stored_since = shard.stored != seen.0;
         Role::Leader(
             FlightGuard {
                 flights: self.clone(),
                 key,
                 id,
-                tx,
+                cell,
             },
             stored_since,
         )
@@ -164,11 +210,16 @@ impl Flights {
 /// # Cancel safety
 ///
 /// Dropping the future leaves the flight untouched.
-pub(crate) async fn follow(mut rx: watch::Receiver<Flight>) -> Option<Arc<Entry>> {
-    let r = rx.wait_for(|f| matches!(f, Flight::Stored(_))).await;
-    match r.as_deref() {
-        Ok(Flight::Stored(e)) => Some(e.clone()),
-        _ => None,
+pub(crate) async fn follow(cell: Arc<Cell>) -> Option<Arc<Entry>> {
+    loop {
+        // Listen before reading the state: a change made after the read wakes this listener.
+        let changed = cell.changed.listen();
+        match &*cell.state() {
+            Flight::Stored(e) => return Some(e.clone()),
+            Flight::Released => return None,
+            Flight::Pending | Flight::Storing => {}
+        }
+        changed.await;
     }
 }
 
@@ -179,20 +230,20 @@ pub(crate) struct FlightGuard {
     flights: Arc<Flights>,
     key: CacheKey,
     id: u64,
-    tx: watch::Sender<Flight>,
+    cell: Arc<Cell>,
 }
 
 impl FlightGuard {
     /// Says that the answer completed and is being stored: lookups wait for it rather than
     /// read an older entry.
     pub(crate) fn storing(&self) {
-        self.tx.send_replace(Flight::Storing);
+        self.cell.set(Flight::Storing);
     }
 
     /// Hands the stored answer to the followers (and to anyone who joins until the guard is
     /// dropped).
     pub(crate) fn publish(&self, entry: Arc<Entry>) {
-        self.tx.send_replace(Flight::Stored(entry));
+        self.cell.set(Flight::Stored(entry));
     }
 }
 
@@ -206,7 +257,15 @@ impl Drop for FlightGuard {
         {
             shard.flights.remove(&self.key);
         }
-        // `self.tx` drops after this: the channel closes and pending followers are released.
+        drop(shard);
+        // A published answer stays for the followers still to read it; otherwise they are
+        // released.
+        let mut state = self.cell.state();
+        if !matches!(*state, Flight::Stored(_)) {
+            *state = Flight::Released;
+            drop(state);
+            self.cell.wake();
+        }
     }
 }
 
@@ -369,5 +428,44 @@ pub(crate) mod tests {
             panic!()
         };
         assert!(!stored_since);
+    }
+
+    /// Followers on other threads, racing the leader's publish or release: every one of them
+    /// wakes with the leader's outcome (a lost wake-up would hang the test).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn followers_on_other_threads_never_miss_the_outcome() {
+        let f = Arc::new(Flights::default());
+        for round in 0..300u32 {
+            let Role::Leader(guard, _) = f.join(key(1), Seen(0), false) else {
+                panic!("round {round}: the last flight left the map")
+            };
+            let followers: Vec<_> = (0..6)
+                .map(|_| {
+                    let Role::Follower(cell) = f.join(key(1), Seen(0), false) else {
+                        panic!("follows")
+                    };
+                    tokio::spawn(follow(cell))
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            let published = (round % 2 == 0).then(entry);
+            if let Some(e) = &published {
+                guard.storing();
+                guard.publish(e.clone());
+            }
+            drop(guard);
+            for w in followers {
+                let got = tokio::time::timeout(Duration::from_secs(10), w)
+                    .await
+                    .expect("a follower was never woken")
+                    .unwrap();
+                match (&published, got) {
+                    (Some(e), Some(g)) => assert!(Arc::ptr_eq(e, &g)),
+                    (None, None) => {}
+                    (p, g) => panic!("round {round}: published {p:?}, follower got {g:?}"),
+                }
+            }
+        }
+        assert_eq!(f.len(), 0);
     }
 }
