@@ -189,10 +189,126 @@ pub fn request_id(headers: &HeaderMap) -> Option<&str> {
     headers.get(REQUEST_ID).and_then(|v| v.to_str().ok())
 }
 
+/// The hop-by-hop headers of HTTP/1.1 (RFC 9110 §7.6.1, and RFC 2616's
+/// `proxy-authenticate` and `proxy-authorization`): they describe the connection they came
+/// on and are not forwarded.
+pub const HOP_BY_HOP: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+/// The index in [`HOP_BY_HOP`] of a header name, if it is one (a match on the name's text,
+/// which compiles to a switch on its length: cheaper than comparing `HeaderName`s).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        _ => return None,
+    })
+}
+
+/// Removes the [`HOP_BY_HOP`] headers of a message. It looks before it removes: only the
+/// names present are removed (a removal hashes its name and probes the map), and usually
+/// none is. Returns whether any was there.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return false;
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    true
+}
+
+/// Removes the headers that belong to the connection a message came on, for a relay that
+/// forwards it on another: the names its `connection` header lists (RFC 9110 §7.6.1), then
+/// the [`HOP_BY_HOP`] headers.
+pub fn remove_connection_headers(headers: &mut HeaderMap) {
+    if headers.contains_key(http::header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in &listed {
+            headers.remove(name);
+        }
+    }
+    remove_hop_by_hop(headers);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Hop-Secret"),
+            ("connection", "Upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("x-hop-secret", "1"),
+            ("x-custom", "kept"),
+            ("anthropic-version", "2023-06-01"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let mut only_fixed = h.clone();
+        remove_connection_headers(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["anthropic-version", "x-custom"]);
+        // Nothing to remove: the map is left as it was.
+        let before = h.clone();
+        remove_connection_headers(&mut h);
+        assert_eq!(h, before);
+        assert!(!remove_hop_by_hop(&mut h));
+        // The fixed set alone leaves the names `connection` listed.
+        assert!(remove_hop_by_hop(&mut only_fixed));
+        let mut left: Vec<&str> = only_fixed.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["anthropic-version", "x-custom", "x-hop-secret"]);
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_is_found_by_its_index() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert(X_API_KEY, HeaderValue::from_static("k"));
+            assert!(remove_hop_by_hop(&mut h), "{name}");
+            assert_eq!(h.len(), 1, "{name}");
+        }
+        assert_eq!(hop_by_hop_index(&X_API_KEY), None);
+    }
 
     #[test]
     fn retry_after_ms_wins() {

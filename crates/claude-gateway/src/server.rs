@@ -197,6 +197,9 @@ impl App {
         // The caller's key never travels upstream; the stack inserts the upstream key.
         parts.headers.remove(X_API_KEY);
         parts.headers.remove(header::AUTHORIZATION);
+        // Nor do the headers of the caller's connection, those its `connection` names
+        // included (before the layers, which may set some of these names themselves).
+        claude_core::headers::remove_connection_headers(&mut parts.headers);
         parts.extensions.clear();
         parts.extensions.insert(tenant);
         let req = Request::from_parts(parts, body);
@@ -220,9 +223,7 @@ impl App {
                         .rate_limit_waits
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
-                    resp.headers_mut().remove(h);
-                }
+                claude_core::headers::remove_connection_headers(resp.headers_mut());
                 resp
             }
             Err(e) => {

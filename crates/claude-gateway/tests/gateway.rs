@@ -487,3 +487,89 @@ async fn concurrent_http1_and_http2_requests_each_get_one_whole_answer() {
     assert_eq!(summary.requests, 200);
     assert!(summary.drained);
 }
+
+/// An upstream that answers every request with the names of the headers it received, as a
+/// JSON array.
+async fn header_echo() -> std::net::SocketAddr {
+    use hyper::body::Incoming;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let names: Vec<&str> =
+                        req.headers().keys().map(http::HeaderName::as_str).collect();
+                    let body = serde_json::to_vec(&names).unwrap();
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/json")
+                        .header("keep-alive", "timeout=5")
+                        .header("x-upstream", "kept")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn headers_of_the_callers_connection_do_not_travel_either_way() {
+    let upstream = header_echo().await;
+    let key = std::env::temp_dir().join(format!("claude-gateway-hop-key-{}", std::process::id()));
+    std::fs::write(&key, "sk-ant-upstream-hop-test").unwrap();
+    let cfg = temp_config(&format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"http://{upstream}\"\n\n[stack]\ncache = false\nretry = false\ncost = false\n\n[stack.secrets.environments.test.default]\nsource = \"file\"\npath = \"{}\"\n",
+        key.display()
+    ));
+    let gw = Gateway::start(Options {
+        config_path: Some(cfg),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let (status, headers, body) = send(
+        &client(),
+        &gw,
+        "POST",
+        "/v1/messages",
+        &[
+            ("connection", "keep-alive, X-Hop-Secret"),
+            ("x-hop-secret", "for the gateway only"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("x-custom", "kept"),
+        ],
+        BODY,
+    )
+    .await;
+    std::fs::remove_file(&key).ok();
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    let seen: Vec<String> = serde_json::from_slice(&body).unwrap();
+    for hop in [
+        "connection",
+        "x-hop-secret",
+        "keep-alive",
+        "proxy-connection",
+    ] {
+        assert!(
+            !seen.iter().any(|n| n == hop),
+            "{hop} reached the upstream: {seen:?}"
+        );
+    }
+    assert!(seen.iter().any(|n| n == "x-custom"), "{seen:?}");
+    assert!(
+        seen.iter().any(|n| n == "x-api-key"),
+        "the upstream key: {seen:?}"
+    );
+    assert!(
+        headers.get("keep-alive").is_none(),
+        "the upstream's keep-alive reached the caller"
+    );
+    assert_eq!(headers["x-upstream"], "kept");
+}

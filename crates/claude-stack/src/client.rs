@@ -32,7 +32,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use claude_core::headers::{ANTHROPIC_VERSION, DEFAULT_ANTHROPIC_VERSION};
+use claude_core::headers::{self, ANTHROPIC_VERSION, DEFAULT_ANTHROPIC_VERSION};
 use claude_core::{BoxError, Error, ErrorKind, Origin};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
@@ -267,18 +267,11 @@ impl tower::Service<Request<Bytes>> for HttpClient {
             http::header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
-        // Hop-by-hop and framing headers of the caller's connection do not travel on.
-        for h in [
-            http::header::HOST,
-            http::header::CONNECTION,
-            http::header::CONTENT_LENGTH,
-            http::header::TRANSFER_ENCODING,
-            http::header::TE,
-            http::header::UPGRADE,
-            http::header::PROXY_AUTHORIZATION,
-        ] {
-            parts.headers.remove(h);
-        }
+        // The framing (the client sets both for the upstream connection) and the hop-by-hop
+        // headers of the caller's connection do not travel on.
+        parts.headers.remove(http::header::HOST);
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        headers::remove_hop_by_hop(&mut parts.headers);
         let req = Request::from_parts(parts, Full::new(body));
         let fut = this.client.request(req);
         let (first_byte, idle) = (this.first_byte, this.idle);

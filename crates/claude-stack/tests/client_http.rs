@@ -58,6 +58,10 @@ async fn relays_to_base_url_with_prefix_and_sane_headers() {
         .header("host", "gateway.local:8787")
         .header("accept-encoding", "gzip, br")
         .header("x-custom", "kept")
+        .header("te", "trailers")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("proxy-authorization", "Basic dXNlcjpwYXNz")
         .body(Bytes::from_static(b"{\"model\":\"m\"}"))
         .unwrap();
     let resp = client.clone().oneshot(req).await.unwrap();
@@ -69,6 +73,14 @@ async fn relays_to_base_url_with_prefix_and_sane_headers() {
     assert_eq!(v["headers"]["accept-encoding"], "identity");
     assert_eq!(v["headers"]["host"], addr.to_string());
     assert_eq!(v["headers"]["x-custom"], "kept");
+    for hop in [
+        "te",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+    ] {
+        assert!(v["headers"].get(hop).is_none(), "{hop} travelled upstream");
+    }
     assert_eq!(v["body_len"], 13);
 
     // A caller's own anthropic-version is kept.
