@@ -618,6 +618,18 @@ impl<'a> Canon<'a> {
     /// a UTF-8 and control-character check), escapes decoded and re-encoded the one way.
     fn string(&mut self) -> Result<(), KeyError> {
         self.pos += 1; // the opening quote
+        // A short plain string (member names, roles, types: printable ASCII, no escape) is
+        // found eight bytes at a time, faster than memchr's set-up.
+        let rest = &self.src[self.pos..];
+        if let Some(n) = claude_core::scan::plain_run_end(&rest[..rest.len().min(32)])
+            && rest[n] == b'"'
+        {
+            self.out.reserve(n + 2);
+            self.out.push(b'"');
+            self.out.extend_from_slice(&rest[..=n]);
+            self.pos += n + 1;
+            return Ok(());
+        }
         self.out.push(b'"');
         loop {
             let Some(rel) = memchr::memchr2(b'"', b'\\', &self.src[self.pos..]) else {
