@@ -29,7 +29,7 @@ use crate::entry::Entry;
 use crate::key::CacheKey;
 
 /// The state of one flight.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum Flight {
     /// The leader is upstream.
     Pending,

@@ -56,9 +56,7 @@ impl StackService {
     {
         Self(Arc::new(Erased(inner)))
     }
-}
 
-impl StackService {
     /// Erases a service that is always ready and whose future already is a [`StackFuture`]
     /// (the observe layer over a `StackService`): its calls are made directly, without a
     /// `poll_ready` and without boxing its boxed future once more.
@@ -70,7 +68,8 @@ impl StackService {
     }
 }
 
-/// A service whose `poll_ready` is always ready, so that a call needs no `poll_ready` first.
+/// A service whose `poll_ready` is always ready, so that a call needs no `poll_ready` first
+/// (checked on every call in debug builds, so the tests would catch a broken promise).
 pub(crate) trait AlwaysReady:
     Service<Request<Bytes>, Response = Response<StackBody>, Error = BoxError, Future = StackFuture>
 {
@@ -118,7 +117,15 @@ where
     S: AlwaysReady + Clone + Send + Sync + 'static,
 {
     fn call(&self, req: Request<Bytes>) -> StackFuture {
-        self.0.clone().call(req)
+        let mut svc = self.0.clone();
+        debug_assert!(
+            matches!(
+                svc.poll_ready(&mut Context::from_waker(std::task::Waker::noop())),
+                Poll::Ready(Ok(()))
+            ),
+            "a service erased with StackService::direct was not ready"
+        );
+        svc.call(req)
     }
 }
 
