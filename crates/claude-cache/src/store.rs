@@ -19,9 +19,14 @@ use crate::flight::{self, Flights, Role};
 use crate::key::CacheKey;
 use crate::metric_names;
 
+/// The moka cache. Its hasher is a seeded one-word hash rather than SipHash: a key is already
+/// a uniform hash (see `CacheKey`'s `Hash`), and moka hashes it on every read, insert and
+/// key lock.
+pub(crate) type Store = moka::future::Cache<CacheKey, Arc<Entry>, foldhash::fast::RandomState>;
+
 pub(crate) struct Shared {
     pub(crate) config: CacheConfig,
-    pub(crate) cache: moka::future::Cache<CacheKey, Arc<Entry>>,
+    pub(crate) cache: Store,
     pub(crate) flights: Arc<Flights>,
     held: Arc<AtomicU64>,
     /// The store thread's queue ([`CacheConfig::store_thread`]); `None` without one.
@@ -76,7 +81,7 @@ impl Shared {
                 };
                 metrics::counter!(metric_names::EVICTIONS, "cause" => cause).increment(1);
             })
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let jobs = if config.store_thread {
             spawn_store_thread(cache.clone())
         } else {
@@ -334,7 +339,7 @@ pub(crate) enum Job {
 /// Starts the store thread of a cache; `None` if the thread cannot start (requests then store
 /// their own answers). The thread holds the moka cache, not the [`Shared`] state that owns
 /// the sending side: it ends when the last cache service (and its queued answers) is gone.
-fn spawn_store_thread(cache: moka::future::Cache<CacheKey, Arc<Entry>>) -> Option<SyncSender<Job>> {
+fn spawn_store_thread(cache: Store) -> Option<SyncSender<Job>> {
     let (tx, rx) = mpsc::sync_channel(STORE_QUEUE);
     let started = std::thread::Builder::new()
         .name("claude-cache-store".to_owned())
@@ -349,7 +354,7 @@ fn spawn_store_thread(cache: moka::future::Cache<CacheKey, Arc<Entry>>) -> Optio
     }
 }
 
-fn store_loop(rx: &mpsc::Receiver<Job>, cache: &moka::future::Cache<CacheKey, Arc<Entry>>) {
+fn store_loop(rx: &mpsc::Receiver<Job>, cache: &Store) {
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut flushes = Vec::new();
     let mut stores = 0;

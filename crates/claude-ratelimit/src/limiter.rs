@@ -7,7 +7,7 @@
 //! which one lock makes exact without any compare-and-swap loop over several atomics.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
@@ -492,7 +492,9 @@ type Shard = Mutex<HashMap<Key, Arc<KeyState>, foldhash::fast::RandomState>>;
 pub(crate) struct Limiter {
     pub(crate) settings: Settings,
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    /// Picks a key's shard (the same seeded hash as the maps': SipHash costs several times as
+    /// much for a choice among a few shards).
+    hasher: foldhash::fast::RandomState,
     calls: AtomicU64,
     family_labels: Mutex<HashSet<Arc<str>>>,
     /// The local buckets of the further scopes.
@@ -536,7 +538,7 @@ impl Limiter {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(HashMap::default()))
                 .collect(),
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             calls: AtomicU64::new(0),
             family_labels: Mutex::new(HashSet::new()),
             scopes: Arc::new(ScopeBuckets::default()),
