@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use claude_core::headers::X_CLAUDE_CACHE;
+use claude_core::metric::Kept;
 use claude_core::{CacheHit, Endpoint, RequestMeta, UsageHandle, observe_usage};
 use http::header::{AGE, CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{HeaderValue, Method, Request, Response};
@@ -23,6 +24,10 @@ use crate::future::ResponseFuture;
 use crate::key::CacheKey;
 use crate::metric_names;
 use crate::store::{CacheHandle, Lookup, Shared};
+
+/// The lookup counters' handles (see `claude_core::metric`).
+static HITS: Kept<metrics::Counter> = Kept::new();
+static MISSES: Kept<metrics::Counter> = Kept::new();
 
 /// How the cache treated a request: the value of the `x-claude-cache` header, also set as a
 /// response extension.
@@ -362,13 +367,16 @@ where
         .await
     {
         Lookup::Hit(entry) => {
-            metrics::counter!(metric_names::HITS).increment(1);
+            HITS.with(|| metrics::counter!(metric_names::HITS), |c| c.increment(1));
             return Ok(hit_response(&entry));
         }
         Lookup::Lead(guard) => Some(guard),
         Lookup::Alone => None,
     };
-    metrics::counter!(metric_names::MISSES).increment(1);
+    MISSES.with(
+        || metrics::counter!(metric_names::MISSES),
+        |c| c.increment(1),
+    );
     let resp = svc.oneshot(req).await?;
     let ttl = shared.config.effective_ttl();
     let head = Head {

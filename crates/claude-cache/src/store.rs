@@ -10,6 +10,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use claude_core::metric::Kept;
 use moka::notification::RemovalCause;
 
 use crate::body::Pending;
@@ -73,13 +74,16 @@ impl Shared {
             .expire_after(EntryExpiry)
             .eviction_listener(move |_, e: Arc<Entry>, cause| {
                 listener_held.fetch_sub(u64::from(e.weight), Ordering::Relaxed);
-                metrics::gauge!(metric_names::BYTES).decrement(f64::from(e.weight));
-                let cause = match cause {
-                    RemovalCause::Size => "size",
-                    RemovalCause::Expired => "expired",
+                BYTES.with(bytes_gauge, |g| g.decrement(f64::from(e.weight)));
+                let (kept, cause) = match cause {
+                    RemovalCause::Size => (&EVICTED_SIZE, "size"),
+                    RemovalCause::Expired => (&EVICTED_EXPIRED, "expired"),
                     RemovalCause::Explicit | RemovalCause::Replaced => return,
                 };
-                metrics::counter!(metric_names::EVICTIONS, "cause" => cause).increment(1);
+                kept.with(
+                    || metrics::counter!(metric_names::EVICTIONS, "cause" => cause),
+                    |c| c.increment(1),
+                );
             })
             .build_with_hasher(foldhash::fast::RandomState::default());
         let jobs = if config.store_thread {
@@ -166,8 +170,11 @@ impl Shared {
     pub(crate) async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
         self.held
             .fetch_add(u64::from(entry.weight), Ordering::Relaxed);
-        metrics::gauge!(metric_names::BYTES).increment(f64::from(entry.weight));
-        metrics::counter!(metric_names::STORED).increment(1);
+        BYTES.with(bytes_gauge, |g| g.increment(f64::from(entry.weight)));
+        STORED.with(
+            || metrics::counter!(metric_names::STORED),
+            |c| c.increment(1),
+        );
         self.cache.insert(key, entry).await;
         self.flights.stored(&key);
     }
@@ -225,6 +232,17 @@ impl Shared {
     pub(crate) fn bytes(&self) -> u64 {
         self.held.load(Ordering::Relaxed)
     }
+}
+
+/// The handles of the store's metrics (see `claude_core::metric`): the
+/// `claude_cache_bytes` gauge, the stored and evicted counters.
+static BYTES: Kept<metrics::Gauge> = Kept::new();
+static STORED: Kept<metrics::Counter> = Kept::new();
+static EVICTED_SIZE: Kept<metrics::Counter> = Kept::new();
+static EVICTED_EXPIRED: Kept<metrics::Counter> = Kept::new();
+
+fn bytes_gauge() -> metrics::Gauge {
+    metrics::gauge!(metric_names::BYTES)
 }
 
 fn is_fresh(e: &Entry, max_age: Option<Duration>) -> bool {

@@ -55,6 +55,7 @@ pub mod config;
 mod error;
 pub mod headers;
 mod meta;
+pub mod metric;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;

@@ -310,6 +310,9 @@ fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()?;
+            // One global recorder, installed before any request: the layers can keep the
+            // handles of their fixed metrics (claude_core::metric).
+            claude_core::metric::keep_metric_handles(true);
             // Recorded samples wait in a lock-free queue until an upkeep (or a scrape) moves
             // them into their histograms: every second, so that each pass is short.
             let upkeep = handle.clone();

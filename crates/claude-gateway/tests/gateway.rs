@@ -134,6 +134,14 @@ async fn mock_mode_relays_json_and_sse_and_serves_health() {
     assert_eq!(s, StatusCode::OK);
     let m = String::from_utf8_lossy(&m);
     assert!(m.contains("claude_stack_overhead_seconds"), "{m}");
+    // Every relayed request is counted (the layers keep their metric handles in the
+    // gateway: claude_core::metric), not only the first.
+    let overheads: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("claude_stack_overhead_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no overhead count: {m}"));
+    assert!(overheads >= 5.0, "{overheads} overheads recorded: {m}");
     // A histogram with the documented buckets (Prometheus can add those across instances).
     assert!(
         m.contains("# TYPE claude_stack_overhead_seconds histogram"),

@@ -56,7 +56,12 @@ pub(crate) fn queue_depth(delta: f64) {
 }
 
 pub(crate) fn waited(seconds: f64) {
-    ::metrics::histogram!(WAIT_SECONDS).record(seconds);
+    static WAITED: claude_core::metric::Kept<::metrics::Histogram> =
+        claude_core::metric::Kept::new();
+    WAITED.with(
+        || ::metrics::histogram!(WAIT_SECONDS),
+        |h| h.record(seconds),
+    );
 }
 
 pub(crate) fn rejected(reason: &'static str) {

@@ -31,6 +31,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use claude_core::metric::Kept;
 use claude_core::{BoxError, CacheHit, Endpoint, RequestMeta, Tenant, observe_usage};
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
@@ -44,6 +45,9 @@ use crate::stack::{StackBody, StackService};
 
 /// The histogram of the stack's own time per request, in seconds.
 pub const OVERHEAD_SECONDS: &str = "claude_stack_overhead_seconds";
+
+/// The overhead histogram's handle (see `claude_core::metric`).
+static OVERHEAD: Kept<metrics::Histogram> = Kept::new();
 
 /// Where a request's time went, as a response extension set by the stack (up to the
 /// response headers).
@@ -227,7 +231,10 @@ fn record_overhead(
         "claude.overhead_us",
         u64::try_from(own.as_micros()).unwrap_or(u64::MAX),
     );
-    metrics::histogram!(OVERHEAD_SECONDS).record(own.as_secs_f64());
+    OVERHEAD.with(
+        || metrics::histogram!(OVERHEAD_SECONDS),
+        |h| h.record(own.as_secs_f64()),
+    );
     StackTimings {
         upstream,
         queued,
