@@ -334,9 +334,24 @@ where
         if let Poll::Ready(res) = this.inner.poll_frame(cx) {
             match *this.idle {
                 Some(idle) if *this.first || this.sleep.is_none() => {
-                    // The first frame: from now on the idle timeout applies.
-                    this.sleep.set(Some(tokio::time::sleep(idle)));
-                    *this.last_frame = None;
+                    // The first frame: from now on the idle timeout applies. A first-byte
+                    // timer that fires no later than this frame's idle deadline is kept (it
+                    // is re-armed from the last frame when it fires, below): no trip
+                    // through the timer wheel for a body that ends soon, as most do.
+                    let now = Instant::now();
+                    match this.sleep.as_mut().as_pin_mut() {
+                        Some(s) if s.deadline() <= now + idle => {
+                            *this.last_frame = Some(now);
+                        }
+                        Some(s) => {
+                            s.reset(now + idle);
+                            *this.last_frame = None;
+                        }
+                        None => {
+                            this.sleep.set(Some(tokio::time::sleep_until(now + idle)));
+                            *this.last_frame = None;
+                        }
+                    }
                 }
                 Some(_) => *this.last_frame = Some(Instant::now()),
                 None => this.sleep.set(None),

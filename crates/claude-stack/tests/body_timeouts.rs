@@ -52,3 +52,42 @@ async fn idle_gap_times_out_but_steady_frames_do_not() {
     assert_eq!(err.kind(), ErrorKind::Timeout);
     assert!(err.message().contains("idle"));
 }
+
+/// The idle deadline runs from the last frame whether the first-byte timeout is longer or
+/// shorter than the idle timeout (the first-byte timer is moved, or kept and re-armed).
+#[tokio::test(start_paused = true)]
+async fn the_idle_deadline_runs_from_the_last_frame_whatever_the_first_byte_timeout() {
+    async fn outcome(frames: &'static [u64], first_byte: u64, idle: u64) -> Result<usize, String> {
+        let started = tokio::time::Instant::now();
+        let body = TimeoutBody::new(
+            delayed_frames(frames),
+            Some(Duration::from_millis(first_byte)),
+            Some(Duration::from_millis(idle)),
+        );
+        match body.collect().await {
+            Ok(b) => Ok(b.to_bytes().len()),
+            Err(e) => {
+                let e = e.downcast::<Error>().unwrap();
+                assert_eq!(e.kind(), ErrorKind::Timeout);
+                Err(format!(
+                    "{} at {} ms",
+                    e.message(),
+                    started.elapsed().as_millis()
+                ))
+            }
+        }
+    }
+    // A first-byte timeout longer than the idle one: a gap after the first frame times out
+    // at that frame plus the idle timeout, not at the first-byte deadline.
+    assert_eq!(
+        outcome(&[50, 150], 500, 100).await,
+        Err("the response body stalled longer than the idle timeout at 150 ms".into())
+    );
+    assert_eq!(outcome(&[50, 90, 90], 500, 100).await, Ok(3));
+    // Shorter: the first-byte timer fires first and waits on from the frame.
+    assert_eq!(outcome(&[90, 250], 100, 300).await, Ok(2));
+    assert_eq!(
+        outcome(&[90, 350], 100, 300).await,
+        Err("the response body stalled longer than the idle timeout at 390 ms".into())
+    );
+}
