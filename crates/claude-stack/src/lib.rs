@@ -25,6 +25,15 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Metrics
+//!
+//! The layers record through the `metrics` facade, so whatever recorder the process has
+//! gets them. Where that is one global recorder installed before the first request (as in
+//! claude-gateway), two switches save a recorder lookup per metric and request:
+//! [`claude_core::metric::keep_metric_handles`] for the layers' fixed metrics, and claude-cost's
+//! `reuse_metric_handles` (in [`StackConfig`]'s cost settings) for its labelled counters. Both
+//! are off by default, because a kept handle stays with the recorder it was made with.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod claude_client;
