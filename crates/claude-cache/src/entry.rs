@@ -84,7 +84,7 @@ impl Entry {
             ends.push(u32::try_from(buf.len()).unwrap_or(u32::MAX));
         }
         let weight = weight(total, &head.headers, ends.len());
-        let model = report.model.as_deref().map(Arc::<str>::from).or(head.model);
+        let model = report.model.clone().or(head.model);
         Self {
             status: head.status,
             headers: head.headers,

@@ -27,6 +27,7 @@
 //! panics on arbitrary bytes.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use memchr::{memchr, memchr2};
 use serde::Deserialize;
@@ -92,8 +93,9 @@ pub struct UsageReport {
     pub usage: Usage,
     /// Whether any usage object was seen at all.
     pub saw_usage: bool,
-    /// `model` as the response named it.
-    pub model: Option<String>,
+    /// `model` as the response named it (shared: a report is copied to every layer that
+    /// reads it, and a cache hit replays it).
+    pub model: Option<Arc<str>>,
     /// The body shape.
     pub format: BodyFormat,
     /// SSE: `message_stop` was seen. JSON: a complete top-level value was read.
@@ -245,8 +247,8 @@ impl SseHandler for UsageEvents<'_> {
                     if let Some(u) = &m.usage {
                         self.merge.apply(u);
                     }
-                    if m.model.is_some() {
-                        self.report.model = m.model;
+                    if let Some(model) = m.model {
+                        self.report.model = Some(Arc::from(model));
                     }
                 }
             }
@@ -986,7 +988,7 @@ struct JsonState {
     /// The last `usage` read (`None` when it was not a usage object).
     usage: Option<Usage>,
     /// The last `model` read (`None` when it was not a string).
-    model: Option<String>,
+    model: Option<Arc<str>>,
     /// Whether the last `type` read was `"error"`.
     is_error: bool,
     /// The last `error` value (only read if the body turns out to be an error envelope).
@@ -1267,8 +1269,8 @@ impl JsonState {
             }
             Field::Model => {
                 self.model = match plain_json_str(value) {
-                    Some(s) => Some(s.to_owned()),
-                    None => serde_json::from_slice::<String>(value).ok(),
+                    Some(s) => Some(Arc::from(s)),
+                    None => serde_json::from_slice::<String>(value).ok().map(Arc::from),
                 };
             }
             Field::Type => {
@@ -1736,7 +1738,7 @@ data: {\"type\": \"message_stop\"}\n\n";
             r.usage = m.usage();
             r.saw_usage = true;
         }
-        r.model = model.flatten();
+        r.model = model.flatten().map(Arc::from);
         if is_error {
             let e = error.and_then(|e| serde_json::from_str::<WireError>(e).ok());
             r.error = Some(e.unwrap_or_default().into_api_error());

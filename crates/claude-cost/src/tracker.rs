@@ -856,7 +856,7 @@ mod tests {
                 ..Usage::default()
             },
             saw_usage: true,
-            model: model.map(str::to_owned),
+            model: model.map(std::sync::Arc::from),
             completed: true,
             end: BodyEnd::Ended,
             ..UsageReport::default()

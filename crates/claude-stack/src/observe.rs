@@ -195,7 +195,7 @@ impl Service<Request<Bytes>> for Observe<StackService> {
                 usage.on_complete(move |r| {
                     let s = &span_for_usage;
                     if let Some(m) = &r.model {
-                        s.record("gen_ai.response.model", m.as_str());
+                        s.record("gen_ai.response.model", &**m);
                     }
                     s.record("gen_ai.usage.input_tokens", r.usage.input_tokens);
                     s.record("gen_ai.usage.output_tokens", r.usage.output_tokens);
