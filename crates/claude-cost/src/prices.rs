@@ -143,6 +143,11 @@ impl ModelPrice {
         &self.id
     }
 
+    /// The id, shared (a cost record names its model with it, without a copy).
+    pub(crate) fn shared_id(&self) -> Arc<str> {
+        Arc::clone(&self.id)
+    }
+
     /// The display name, e.g. `Claude Opus 4.5`.
     pub fn name(&self) -> Option<&str> {
         self.name.as_deref()

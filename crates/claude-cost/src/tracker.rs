@@ -449,7 +449,7 @@ impl CostTracker {
         let prices = &self.inner.prices;
         let name = response_model.or(request_model);
         match name.and_then(|n| prices.get(n)) {
-            Some(p) => (Arc::from(p.id()), Some(p.clone())),
+            Some(p) => (p.shared_id(), Some(p.clone())),
             None => (name.map_or_else(|| Arc::from("unknown"), label), None),
         }
     }
