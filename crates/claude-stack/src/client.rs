@@ -100,6 +100,20 @@ struct Base {
 }
 
 impl Base {
+    /// The `host` header hyper-util would send to a plain-HTTP upstream: the host, with the
+    /// port unless it is 80. `None` over TLS.
+    fn plain_http_host(&self) -> Option<HeaderValue> {
+        if self.scheme != Scheme::HTTP {
+            return None;
+        }
+        let host = self.authority.host();
+        let value = match self.authority.port_u16() {
+            Some(port) if port != 80 => format!("{host}:{port}"),
+            _ => host.to_owned(),
+        };
+        HeaderValue::from_str(&value).ok()
+    }
+
     fn parse(url: &str) -> Result<Self, Error> {
         let bad = |why: &str| {
             Error::new(
@@ -161,6 +175,11 @@ pub struct HttpClient(Arc<ClientInner>);
 struct ClientInner {
     client: Client<Connector, Full<Bytes>>,
     base: Base,
+    /// The `host` header of a plain-HTTP upstream (always HTTP/1.1), made once: hyper-util
+    /// would otherwise format it for every request (`host:port`). `None` over TLS, where
+    /// the connection may turn out HTTP/2 (`:authority`, no `host`) and hyper-util sets it
+    /// only on HTTP/1.1.
+    host: Option<HeaderValue>,
     version: HeaderValue,
     first_byte: Option<Duration>,
     idle: Option<Duration>,
@@ -207,9 +226,11 @@ impl HttpClient {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host);
         let client = builder.build(connector);
+        let host = base.plain_http_host();
         Ok(Self(Arc::new(ClientInner {
             client,
             base,
+            host,
             version,
             first_byte: config.first_byte_timeout,
             idle: config.idle_timeout,
@@ -268,8 +289,16 @@ impl tower::Service<Request<Bytes>> for HttpClient {
             HeaderValue::from_static("identity"),
         );
         // The framing (the client sets both for the upstream connection) and the hop-by-hop
-        // headers of the caller's connection do not travel on.
-        parts.headers.remove(http::header::HOST);
+        // headers of the caller's connection do not travel on: the upstream's `host` replaces
+        // the caller's.
+        match &this.host {
+            Some(host) => {
+                parts.headers.insert(http::header::HOST, host.clone());
+            }
+            None => {
+                parts.headers.remove(http::header::HOST);
+            }
+        }
         parts.headers.remove(http::header::CONTENT_LENGTH);
         headers::remove_hop_by_hop(&mut parts.headers);
         let req = Request::from_parts(parts, Full::new(body));
@@ -397,6 +426,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_http_upstream_gets_the_host_hyper_util_would_send() {
+        let host = |url: &str| {
+            Base::parse(url)
+                .unwrap()
+                .plain_http_host()
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            host("http://relay.example").as_deref(),
+            Some("relay.example")
+        );
+        assert_eq!(
+            host("http://relay.example:80/p/").as_deref(),
+            Some("relay.example")
+        );
+        assert_eq!(
+            host("http://127.0.0.1:8788").as_deref(),
+            Some("127.0.0.1:8788")
+        );
+        assert_eq!(host("http://[::1]:9000").as_deref(), Some("[::1]:9000"));
+        // Over TLS the connection may be HTTP/2: hyper-util decides.
+        assert_eq!(host("https://api.anthropic.com"), None);
+        assert_eq!(host("https://relay.example:8443"), None);
+    }
 
     #[test]
     fn joins_prefix_and_path() {
