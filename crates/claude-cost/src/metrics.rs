@@ -211,12 +211,6 @@ struct Handles([Counter; 12]);
 /// looks its counters up each time (correct, only slower).
 const MAX_HANDLE_SETS: usize = 4096;
 
-/// The identity of the recorder the `metrics` macros would use here and now: the local one
-/// if set, else the global one, else the no-op one.
-fn recorder_id() -> usize {
-    metrics::with_recorder(|r| std::ptr::from_ref(r).cast::<()>().addr())
-}
-
 /// Counter handles per (model, tenant), kept across records (see
 /// [`CostTrackerBuilder::reuse_metric_handles`](crate::CostTrackerBuilder::reuse_metric_handles)).
 #[derive(Default)]
@@ -240,7 +234,7 @@ impl MetricHandles {
     }
 
     fn handles(&self, rec: &CostRecord) -> Arc<Handles> {
-        let recorder = recorder_id();
+        let recorder = claude_core::metric::recorder_id();
         let pair = (rec.model.clone(), rec.tenant.clone());
         {
             let sets = self.sets.read().unwrap_or_else(PoisonError::into_inner);
