@@ -28,7 +28,7 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -323,6 +323,11 @@ pin_project! {
         // through the timer wheel per SSE event); when it fires, it is re-armed to this
         // time plus `idle` if a frame came since.
         last_frame: Option<Instant>,
+        // The waker the timer was last polled with since it was (re)armed. While the task's
+        // waker still wakes the same task and the timer has not fired, polling it again
+        // only registers the same waker once more (most polls of a streamed body find no
+        // frame and would otherwise go through the timer's waker registration each time).
+        armed: Option<Waker>,
         first: bool,
     }
 }
@@ -342,6 +347,7 @@ impl<B> TimeoutBody<B> {
             sleep: first_byte.map(tokio::time::sleep),
             idle,
             last_frame: None,
+            armed: None,
             first: true,
         }
     }
@@ -375,21 +381,37 @@ where
                         Some(s) => {
                             s.reset(now + idle);
                             *this.last_frame = None;
+                            *this.armed = None;
                         }
                         None => {
                             this.sleep.set(Some(tokio::time::sleep_until(now + idle)));
                             *this.last_frame = None;
+                            *this.armed = None;
                         }
                     }
                 }
                 Some(_) => *this.last_frame = Some(Instant::now()),
-                None => this.sleep.set(None),
+                None => {
+                    this.sleep.set(None);
+                    *this.armed = None;
+                }
             }
             *this.first = false;
             return Poll::Ready(res.map(|r| r.map_err(Into::into)));
         }
         while let Some(mut s) = this.sleep.as_mut().as_pin_mut() {
-            ready!(s.as_mut().poll(cx));
+            // Registered with a waker of this task and not fired: nothing to do (a timer
+            // that fires after this check wakes that waker, and the next poll sees it).
+            if this.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && !s.is_elapsed() {
+                return Poll::Pending;
+            }
+            if s.as_mut().poll(cx).is_pending() {
+                if !this.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *this.armed = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            *this.armed = None;
             // A frame came after the timer was armed: the body is not idle; wait again
             // from that frame.
             if let (Some(idle), Some(last)) = (*this.idle, this.last_frame.take())

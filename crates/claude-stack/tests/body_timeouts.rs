@@ -7,7 +7,7 @@ use bytes::Bytes;
 use claude_core::{Error, ErrorKind};
 use claude_stack::TimeoutBody;
 use futures_util::stream::{Stream, unfold};
-use http_body::Frame;
+use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use http_body_util::StreamBody;
 
@@ -90,4 +90,28 @@ async fn the_idle_deadline_runs_from_the_last_frame_whatever_the_first_byte_time
         outcome(&[90, 350], 100, 300).await,
         Err("the response body stalled longer than the idle timeout at 390 ms".into())
     );
+}
+
+/// The timer wakes the task that polls the body now, not only the one that polled it when
+/// the timer was armed (a body is polled with a new waker when it moves to another task).
+#[tokio::test(start_paused = true)]
+async fn the_timeout_wakes_the_task_that_polls_the_body_now() {
+    let body = TimeoutBody::new(
+        delayed_frames(&[1000]),
+        Some(Duration::from_millis(100)),
+        None,
+    );
+    let mut body = std::pin::pin!(body);
+    // Polled once with a waker that wakes nothing (a task that has since let go of it) ...
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+    // ... then awaited here: the first-byte timer must wake this task at 100 ms, before the
+    // frame at 1000 ms.
+    let frame = tokio::time::timeout(Duration::from_secs(3600), body.as_mut().frame())
+        .await
+        .unwrap();
+    let err = frame.unwrap().err().unwrap();
+    let err = err.downcast::<Error>().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert!(err.message().contains("first-byte"));
 }
