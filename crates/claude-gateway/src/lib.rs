@@ -38,6 +38,7 @@
 
 mod admin;
 mod config;
+mod drain;
 mod server;
 mod wake;
 

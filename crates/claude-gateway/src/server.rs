@@ -16,12 +16,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::ClientKeys;
+use crate::drain::Drain;
 use crate::wake::SelfWake;
 
 /// The response body the gateway streams to callers.
@@ -254,7 +254,7 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> bool {
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
@@ -276,7 +276,7 @@ pub(crate) async fn serve(
                     async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                let conn = SelfWake::new(graceful.watch(conn.into_owned()));
+                let conn = SelfWake::new(drain.watch(conn.into_owned()));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
@@ -288,7 +288,7 @@ pub(crate) async fn serve(
     }
     drop(listener);
     tokio::select! {
-        () = graceful.shutdown() => true,
+        () = drain.shutdown() => true,
         () = tokio::time::sleep(grace) => false,
     }
 }

@@ -418,6 +418,31 @@ async fn shutdown_lets_in_flight_requests_finish_then_refuses_new_ones() {
     );
 }
 
+/// A keep-alive connection that sits idle when the gateway stops is told to close (the
+/// stop signal wakes a connection nobody is polling): the drain completes within the grace
+/// period although the client still holds the connection in its pool.
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections() {
+    let gw = mock_gateway().await;
+    let c = client();
+    for _ in 0..2 {
+        let (s, _, _) = send(
+            &c,
+            &gw,
+            "POST",
+            "/v1/messages",
+            &[("content-type", "application/json")],
+            BODY,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let summary = gw.shutdown().await;
+    assert!(summary.drained, "the idle connection closed at the signal");
+    assert_eq!(summary.requests, 2);
+    drop(c);
+}
+
 /// Many requests at once on a multi-threaded runtime, over HTTP/1.1 keep-alive connections
 /// and over one HTTP/2 connection (many streams on one connection future): every request gets
 /// exactly one whole answer. This is the load under which connections wake themselves while
