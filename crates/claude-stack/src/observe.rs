@@ -64,10 +64,30 @@ pub struct StackTimings {
 }
 
 /// Time spent below the stack's own work, shared by the probes of one request.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Timings {
+    /// When the request entered the stack: the origin of `entered_limiter`.
+    base: Instant,
     upstream_nanos: AtomicU64,
     waited_nanos: AtomicU64,
+    /// When the current attempt reached the rate limiter, in nanoseconds after `base`
+    /// ([`NOT_ENTERED`] when none is in it). Kept here rather than in an extension of the
+    /// attempt's request: a request's attempts pass the limiter one after the other, and an
+    /// extension is an allocation per attempt, copied again with the request below.
+    entered_limiter: AtomicU64,
+}
+
+const NOT_ENTERED: u64 = u64::MAX;
+
+impl Timings {
+    fn new(base: Instant) -> Self {
+        Self {
+            base,
+            upstream_nanos: AtomicU64::new(0),
+            waited_nanos: AtomicU64::new(0),
+            entered_limiter: AtomicU64::new(NOT_ENTERED),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +139,7 @@ impl Service<Request<Bytes>> for Observe<StackService> {
         }
         let meta = RequestMeta::get_or_parse(&mut req);
         let tenant = Tenant::of(&req);
-        let timings = Arc::new(Timings::default());
+        let timings = Arc::new(Timings::new(started));
         req.extensions_mut().insert(TimingsExt(timings.clone()));
         let op = match meta.endpoint {
             Endpoint::Messages => "chat",
@@ -256,9 +276,6 @@ pub(crate) enum Probe {
     LimiterPass,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct EnteredLimiter(Instant);
-
 impl<S> Layer<S> for Probe {
     type Service = Probed<S>;
     fn layer(&self, inner: S) -> Probed<S> {
@@ -287,21 +304,26 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let now = Instant::now();
-        let timings = req.extensions().get::<TimingsExt>().map(|t| t.0.clone());
-        let upstream = match self.probe {
-            Probe::Upstream => timings,
-            Probe::LimiterEnter => {
-                req.extensions_mut().insert(EnteredLimiter(now));
+        let timings = req.extensions().get::<TimingsExt>().map(|t| &t.0);
+        let upstream = match (self.probe, timings) {
+            (Probe::Upstream, t) => t.cloned(),
+            (Probe::LimiterEnter, Some(t)) => {
+                let since = now.saturating_duration_since(t.base).as_nanos();
+                let since = u64::try_from(since).unwrap_or(NOT_ENTERED - 1);
+                t.entered_limiter.store(since, Ordering::Relaxed);
                 None
             }
-            Probe::LimiterPass => {
-                if let (Some(t), Some(e)) = (timings, req.extensions().get::<EnteredLimiter>()) {
-                    add(&t.waited_nanos, now.saturating_duration_since(e.0));
+            (Probe::LimiterPass, Some(t)) => {
+                let since = t.entered_limiter.swap(NOT_ENTERED, Ordering::Relaxed);
+                if since != NOT_ENTERED {
+                    let entered = t.base + Duration::from_nanos(since);
+                    add(&t.waited_nanos, now.saturating_duration_since(entered));
                 }
                 None
             }
+            (_, None) => None,
         };
         ProbeFuture {
             inner: self.inner.call(req),

@@ -139,3 +139,50 @@ fn with_the_span_filtered_out_the_answer_timings_and_overhead_are_unchanged() {
 fn ordered_float_inner<F: Into<f64>>(x: F) -> f64 {
     x.into()
 }
+
+/// Time an attempt waits in the rate limiter is reported as queueing, not as the stack's
+/// own overhead: with one request allowed at a time and an upstream that takes 300 ms, the
+/// second of two concurrent requests waits about that long in the limiter.
+#[test]
+fn time_queued_in_the_rate_limiter_is_reported_as_queued() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (a, b) = rt.block_on(async {
+        let mock = MockServer::start().await.unwrap();
+        let config: StackConfig = toml::from_str(&format!(
+            "[client]\nbase_url = \"{}\"\n[rate_limit]\nmax_concurrent_requests = 1\n",
+            mock.url()
+        ))
+        .unwrap();
+        let svc = ClaudeStack::new(config).unwrap().client().unwrap();
+        let one = |prompt| {
+            let svc = svc.clone();
+            async move {
+                let mut req = request(prompt);
+                req.headers_mut()
+                    .insert("x-mock-latency-ms", http::HeaderValue::from_static("300"));
+                let resp = svc.oneshot(req).await.unwrap();
+                assert!(resp.status().is_success());
+                let t = resp
+                    .extensions()
+                    .get::<claude_stack::StackTimings>()
+                    .copied()
+                    .unwrap();
+                resp.into_body().collect().await.unwrap();
+                t
+            }
+        };
+        let out = tokio::join!(one("first"), one("second"));
+        mock.shutdown().await;
+        out
+    });
+    let (waited, went) = if a.queued > b.queued { (a, b) } else { (b, a) };
+    assert!(
+        waited.queued >= std::time::Duration::from_millis(200),
+        "the second request waited for the first: {waited:?}"
+    );
+    assert!(went.queued < waited.queued, "{went:?} {waited:?}");
+    assert!(waited.upstream >= std::time::Duration::from_millis(300));
+}
