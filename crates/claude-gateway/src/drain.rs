@@ -16,13 +16,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
 use hyper_util::server::graceful::GracefulConnection;
 use pin_project_lite::pin_project;
 use tokio::sync::watch;
+
+use crate::wake::TaskWaker;
 
 /// Hands out watched connections and stops them all.
 pub(crate) struct Drain {
@@ -41,7 +43,7 @@ impl Drain {
         let mut rx = self.tx.subscribe();
         let gate = Arc::new(Gate {
             fired: AtomicBool::new(true),
-            task: Mutex::new(None),
+            task: TaskWaker::default(),
         });
         Watched {
             conn,
@@ -69,7 +71,7 @@ impl Drain {
 struct Gate {
     fired: AtomicBool,
     /// The waker of the task that last polled the connection.
-    task: Mutex<Option<Waker>>,
+    task: TaskWaker,
 }
 
 impl Wake for Gate {
@@ -79,10 +81,7 @@ impl Wake for Gate {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.fired.store(true, Ordering::Release);
-        let task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(w) = task.as_ref() {
-            w.wake_by_ref();
-        }
+        self.task.wake();
     }
 }
 
@@ -110,14 +109,11 @@ impl<C: GracefulConnection> Future for Watched<C> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let mut this = self.project();
         if this.signal.is_some() {
+            // Compared here first, so that a poll takes the gate's lock only when the task
+            // changed.
             if !this.task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                let w = cx.waker().clone();
-                *this
-                    .gate
-                    .task
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(w.clone());
-                *this.task = Some(w);
+                this.gate.task.update(cx.waker());
+                *this.task = Some(cx.waker().clone());
             }
             if this.gate.fired.swap(false, Ordering::AcqRel)
                 && let Some(signal) = this.signal.as_mut()
@@ -128,11 +124,7 @@ impl<C: GracefulConnection> Future for Watched<C> {
                 *this.signal = None;
                 *this.stopped = Some(rx);
                 *this.task = None;
-                *this
-                    .gate
-                    .task
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = None;
+                this.gate.task.clear();
                 this.conn.as_mut().graceful_shutdown();
             }
         }

@@ -27,11 +27,44 @@ const POLLING: u8 = 1;
 /// Being polled and woken since the poll began: poll again.
 const NOTIFIED: u8 = 2;
 
+/// The waker of the task that polls a wrapped future, kept for the wakes that come between
+/// its polls (shared by [`SelfWake`] and the drain's stop signal).
+#[derive(Default)]
+pub(crate) struct TaskWaker(Mutex<Option<Waker>>);
+
+impl TaskWaker {
+    /// Keeps `w` unless the kept waker already wakes the same task.
+    pub(crate) fn update(&self, w: &Waker) {
+        let mut task = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match task.as_ref() {
+            Some(kept) if kept.will_wake(w) => {}
+            _ => *task = Some(w.clone()),
+        }
+    }
+
+    /// Forgets the kept waker.
+    pub(crate) fn clear(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Wakes the kept waker's task, if there is one.
+    pub(crate) fn wake(&self) {
+        if let Some(w) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            w.wake_by_ref();
+        }
+    }
+}
+
 /// The waker a [`SelfWake`] future hands to what it wraps.
 struct Shared {
     state: AtomicU8,
     /// The waker of the task that polls the future (set by each poll when it changes).
-    task: Mutex<Option<Waker>>,
+    task: TaskWaker,
 }
 
 impl Wake for Shared {
@@ -58,10 +91,7 @@ impl Wake for Shared {
                 _ => {
                     // Between polls (or a poll is just starting: the task is then polled once
                     // more, which is harmless).
-                    let task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-                    if let Some(w) = task.as_ref() {
-                        w.wake_by_ref();
-                    }
+                    self.task.wake();
                     return;
                 }
             }
@@ -80,7 +110,7 @@ impl<F> SelfWake<F> {
     pub(crate) fn new(inner: F) -> Self {
         let shared = Arc::new(Shared {
             state: AtomicU8::new(IDLE),
-            task: Mutex::new(None),
+            task: TaskWaker::default(),
         });
         let waker = Waker::from(Arc::clone(&shared));
         Self {
@@ -96,17 +126,7 @@ impl<F: Future> Future for SelfWake<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        {
-            let mut task = this
-                .shared
-                .task
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            match task.as_mut() {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *task = Some(cx.waker().clone()),
-            }
-        }
+        this.shared.task.update(cx.waker());
         this.shared.state.store(POLLING, Ordering::Release);
         let mut inner_cx = Context::from_waker(&this.waker);
         for _ in 0..=REPOLLS {

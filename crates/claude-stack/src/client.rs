@@ -402,11 +402,12 @@ where
         while let Some(mut s) = this.sleep.as_mut().as_pin_mut() {
             // Registered with a waker of this task and not fired: nothing to do (a timer
             // that fires after this check wakes that waker, and the next poll sees it).
-            if this.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && !s.is_elapsed() {
+            let same_task = this.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if same_task && !s.is_elapsed() {
                 return Poll::Pending;
             }
             if s.as_mut().poll(cx).is_pending() {
-                if !this.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                if !same_task {
                     *this.armed = Some(cx.waker().clone());
                 }
                 return Poll::Pending;
