@@ -44,27 +44,24 @@
 #![allow(missing_docs)]
 
 use std::cell::Cell;
-use std::convert::Infallible;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use claude_benches::{api_keys, stack_config, upstream};
 use claude_cache::key::CacheKey;
 use claude_cache::{CacheConfig, CacheLayer};
 use claude_core::BoxError;
 use claude_cost::{Budget, BudgetConfig, CostConfig, CostTracker, Usd};
 use claude_ratelimit::RateLimitLayer;
 use claude_retry::{RetryConfig, RetryLayer};
-use claude_secrets::{ApiKeyLayer, KeyRing, KeyRingConfig, StaticSource};
-use claude_stack::{ClaudeStack, StackConfig};
+use claude_stack::ClaudeStack;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group};
 use http::{HeaderValue, Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
@@ -168,99 +165,6 @@ fn sse_frames() -> Arc<[Bytes]> {
         b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
     ));
     frames.into()
-}
-
-/// A body that hands out shared frames one by one (no copy, no allocation per frame).
-struct Frames {
-    frames: Arc<[Bytes]>,
-    next: usize,
-}
-
-impl Body for Frames {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let i = self.next;
-        self.next += 1;
-        Poll::Ready(self.frames.get(i).cloned().map(|b| Ok(Frame::data(b))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.next >= self.frames.len()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let rest: usize = self
-            .frames
-            .get(self.next..)
-            .map_or(0, |f| f.iter().map(Bytes::len).sum());
-        SizeHint::with_exact(rest as u64)
-    }
-}
-
-/// The in-process upstream: answers at once with `frames` and `content_type`.
-fn upstream(
-    frames: Arc<[Bytes]>,
-    content_type: &'static str,
-) -> impl Service<
-    Request<Bytes>,
-    Response = Response<Frames>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<Frames>, Infallible>>,
-> + Clone
-+ Send
-+ Sync
-+ 'static {
-    tower::service_fn(move |_req: Request<Bytes>| {
-        let mut resp = Response::new(Frames {
-            frames: frames.clone(),
-            next: 0,
-        });
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static(content_type),
-        );
-        resp.headers_mut()
-            .insert("request-id", HeaderValue::from_static("req_bench_1"));
-        std::future::ready(Ok(resp))
-    })
-}
-
-/// The stack's TOML: every layer on, limits far above the load, a budget far above the
-/// spend.
-fn stack_config() -> StackConfig {
-    let text = r#"
-cache = true
-
-[cost.budgets]
-global = { monthly = "1000000000" }
-
-[retry]
-
-[rate_limit]
-requests_per_minute = 1000000000
-input_tokens_per_minute = 1000000000000
-output_tokens_per_minute = 1000000000000
-max_concurrent_requests = 1000000
-"#;
-    toml::from_str(text).unwrap_or_else(|e| panic!("the bench's stack config: {e}"))
-}
-
-fn api_keys(rt: &Runtime) -> ApiKeyLayer {
-    rt.block_on(async {
-        let ring = KeyRing::new(
-            StaticSource::new("sk-ant-api03-bench-upstream-key"),
-            KeyRingConfig::default(),
-        );
-        if let Err(e) = ring.current().await {
-            panic!("the static key does not load: {e}");
-        }
-        ApiKeyLayer::new(ring)
-    })
 }
 
 fn budgeted_tracker() -> CostTracker {
@@ -391,7 +295,7 @@ fn layers(c: &mut Criterion) {
         .enable_time()
         .build()
         .unwrap_or_else(|e| panic!("runtime: {e}"));
-    let config = stack_config();
+    let config = stack_config(true);
     let keys = api_keys(&rt);
     for shape in Shape::all() {
         let distinct = Bodies::new(shape.stream, true);
@@ -459,7 +363,7 @@ fn stack_with_metrics(c: &mut Criterion) {
         eprintln!("layers: no Prometheus recorder ({e}); stack_prometheus skipped");
         return;
     }
-    let config = stack_config();
+    let config = stack_config(true);
     let keys = api_keys(&rt);
     for shape in Shape::all() {
         let distinct = Bodies::new(shape.stream, true);
