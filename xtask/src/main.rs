@@ -7,7 +7,7 @@
 //! - `bench-gateway [--quick] [ARGS...]`: the open-loop load benchmark of claude-gateway
 //!   against claude-mock alone and a bare hyper proxy (`cargo run --release --locked -p
 //!   claude-benches --bin bench-gateway -- ARGS`); prints markdown tables for BENCHMARKS.md.
-//!   `--quick` takes 1.5 to 2.5 minutes, the full ladder about 10; `--soak-memory` is the
+//!   `--quick` takes 1.5 to 2.5 minutes, the full ladder 11 to 14; `--soak-memory` is the
 //!   5-minute memory run; `--help` lists the settings.
 
 use std::env;
